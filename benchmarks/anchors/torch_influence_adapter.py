@@ -1,0 +1,4 @@
+AVAILABLE = False
+
+def methods():
+    return []

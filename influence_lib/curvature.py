@@ -1,0 +1,210 @@
+"""Curvature as linear operators: Hessian, Gauss-Newton, dense matrices; extreme eigenvalues.
+
+An operator ``A`` of size ``p`` offers ``A.matmat(V)`` for ``V`` of shape ``[p, k]`` (returns ``A V``,
+``[p, k]``), ``A.dense()`` (the ``[p, p]`` matrix) and, for data-based operators, ``A.on_rows(idx)``: the
+same operator with the data term averaged over a subset of training rows (a stochastic estimate).
+Damping is never part of an operator; solvers add ``damping * I`` themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .objective import LossFn, Objective
+from .validation import check_positive_int
+
+
+class LinearOperator:
+    """A symmetric ``[p, p]`` operator known through products with blocks of vectors."""
+
+    size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def dense(self, block_size: int = 128) -> Tensor:
+        """The operator as a dense ``[p, p]`` matrix, from products with blocks of unit vectors."""
+        p = self.size
+        M = torch.empty(p, p, dtype=self.dtype, device=self.device)
+        for start in range(0, p, block_size):
+            stop = min(start + block_size, p)
+            E = torch.zeros(p, stop - start, dtype=self.dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            M[:, start:stop] = self.matmat(E)
+        return M
+
+    def on_rows(self, rows: Tensor) -> LinearOperator:
+        raise NotImplementedError(f"{type(self).__name__} has no data rows to subsample")
+
+    @property
+    def n_rows(self) -> int | None:
+        return None
+
+
+class DenseOperator(LinearOperator):
+    """A given symmetric matrix ``M`` ``[p, p]``."""
+
+    def __init__(self, M: Tensor):
+        if M.dim() != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
+        self.M, self.size, self.dtype, self.device = M, M.shape[0], M.dtype, M.device
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.M @ V
+
+    def dense(self, block_size: int = 128) -> Tensor:
+        return self.M
+
+
+class HessianOperator(LinearOperator):
+    """``H = Hessian of J`` at ``theta`` (weight decay included), products by forward-over-reverse AD."""
+
+    def __init__(self, objective: Objective, theta: Tensor | None = None, rows: Tensor | None = None):
+        self.objective = objective
+        self.theta = objective.theta() if theta is None else theta
+        self.rows = rows
+        self.size, self.dtype, self.device = objective.p, self.theta.dtype, self.theta.device
+        self._apply: Callable[[Tensor], Tensor] | None = None
+
+    def matmat(self, V: Tensor) -> Tensor:
+        if self._apply is None:  # build the gradient graphs on first use and keep them
+            self._apply = self.objective.hvp_operator(self.theta, self.rows)
+        return self._apply(V)
+
+    def dense(self, block_size: int = 128) -> Tensor:
+        if self.rows is None:
+            return self.objective.hessian(self.theta, block_size)
+        return super().dense(block_size)
+
+    def on_rows(self, rows: Tensor) -> HessianOperator:
+        return HessianOperator(self.objective, self.theta, rows)
+
+    @property
+    def n_rows(self) -> int:
+        return self.objective.n
+
+
+class GaussNewtonOperator(LinearOperator):
+    """Generalised Gauss-Newton matrix ``G`` of ``J`` at ``theta`` (weight decay included)."""
+
+    def __init__(self, objective: Objective, theta: Tensor | None = None):
+        self.objective = objective
+        self.theta = objective.theta() if theta is None else theta
+        self.size, self.dtype, self.device = objective.p, self.theta.dtype, self.theta.device
+
+    def matmat(self, V: Tensor) -> Tensor:
+        return self.objective.gnvp(self.theta, V)
+
+
+def hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: tuple[Tensor, Tensor],
+    *,
+    weight_decay: float = 0.0,
+    params: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Dense Hessian ``[p, p]`` of ``mean_i loss_fn(model(x_i), y_i) + (weight_decay/2)||theta||^2``.
+
+    Parameters are flattened in ``model.parameters()`` order (or the order of ``params``), at their
+    current values; the result has the model's dtype and device.
+    """
+    obj = Objective(model, loss_fn, *data, weight_decay=weight_decay, params=params, chunk_size=chunk_size)
+    return obj.hessian(obj.theta())
+
+
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: tuple[Tensor, Tensor],
+    v: Tensor,
+    *,
+    weight_decay: float = 0.0,
+    params: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Hessian-vector product ``H v`` (``v``: ``[p]`` or ``[p, k]``) of the same objective as :func:`hessian`."""
+    obj = Objective(model, loss_fn, *data, weight_decay=weight_decay, params=params, chunk_size=chunk_size)
+    return obj.hvp(obj.theta(), v.to(dtype=obj.theta().dtype))
+
+
+def lanczos(
+    op: LinearOperator | Callable[[Tensor], Tensor],
+    size: int | None = None,
+    *,
+    iters: int = 60,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Lanczos with full re-orthogonalisation: Ritz values ``[m]`` (ascending) and vectors ``[p, m]``.
+
+    ``m = min(iters, p)``. The extreme Ritz values converge first: with ``m = p`` the decomposition is
+    exact (up to rounding). ``op`` is a :class:`LinearOperator` or a function ``V[p,k] -> A V``.
+    """
+    check_positive_int("iters", iters)
+    if isinstance(op, LinearOperator):
+        matmat, size, dtype, device = op.matmat, op.size, op.dtype, op.device
+    else:
+        matmat = op
+        if size is None or dtype is None:
+            raise ValueError("size and dtype are required when op is a function")
+    m = min(iters, size)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(size, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    Q = torch.zeros(size, m, dtype=dtype, device=device)
+    alpha = torch.zeros(m, dtype=dtype, device=device)
+    beta = torch.zeros(m, dtype=dtype, device=device)
+    q = q / q.norm()
+    for j in range(m):
+        Q[:, j] = q
+        w = matmat(q.unsqueeze(1)).squeeze(1)
+        alpha[j] = q.dot(w)
+        # full re-orthogonalisation (twice is enough, "twice is enough" of Parlett)
+        for _ in range(2):
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        b = w.norm()
+        if j + 1 < m:
+            if b <= 1e-10 * alpha[: j + 1].abs().max().clamp_min(1e-30):
+                # invariant subspace found (e.g. a repeated eigenvalue): restart from a fresh random
+                # direction orthogonal to it, leaving beta[j] = 0 (T becomes block diagonal)
+                w = torch.randn(size, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+                for _ in range(2):
+                    w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+                q = w / w.norm()
+                continue
+            beta[j] = b
+            q = w / b
+    T = torch.diag(alpha) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+    evals, S = torch.linalg.eigh(T)
+    return evals, Q @ S
+
+
+def extreme_eigenvalues(op: LinearOperator, *, iters: int = 60, seed: int = 0) -> tuple[float, float]:
+    """Estimates ``(lambda_min, lambda_max)`` of a symmetric operator by Lanczos (no dense matrix)."""
+    evals, _ = lanczos(op, iters=iters, seed=seed)
+    return float(evals[0]), float(evals[-1])
+
+
+def spectrum_summary(H: Tensor) -> dict[str, float]:
+    """Summary of a dense symmetric matrix's spectrum: extremes, negative mass, condition number."""
+    ev = torch.linalg.eigvalsh(H.double())
+    abs_ev = ev.abs()
+    neg = ev[ev < 0]
+    return {
+        "lambda_max": float(ev[-1]),
+        "lambda_min": float(ev[0]),
+        "n_negative": int(neg.numel()),
+        "negative_mass": float(neg.abs().sum() / abs_ev.sum()) if abs_ev.sum() > 0 else 0.0,
+        "trace": float(ev.sum()),
+        "condition_abs": float(abs_ev.max() / abs_ev.min()) if abs_ev.min() > 0 else float("inf"),
+    }

@@ -1,0 +1,191 @@
+"""Influence scores: the predicted change of a test loss when a training point is removed.
+
+With ``theta*`` the trained parameters, ``A = H + damping I`` (``H`` the Hessian of the full objective,
+weight decay included), ``g_i`` the loss gradient of training point ``i`` and ``g_t`` that of test point
+``t`` (both at ``theta*``, weight decay not included), removing point ``i`` from the mean over ``n`` points
+moves the optimum by
+
+    theta*_{-i} - theta*  ~=  (1/n) A^{-1} g_i                                 (predicted parameter change)
+
+and the test loss by
+
+    L(z_t, theta*_{-i}) - L(z_t, theta*)  ~=  (1/n) g_t^T A^{-1} g_i           (the influence score)
+
+Positive score = removing the point *raises* the test loss: the point helped that prediction. The test-side
+product ``A^{-1} g_t`` is computed once per test point; the scores for all training points are then one
+matrix product per chunk of training gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .curvature import GaussNewtonOperator, HessianOperator, LinearOperator
+from .objective import LossFn, Objective
+from .solvers import (
+    METHODS,
+    SOLVER_OPTIONS,
+    ArnoldiSolver,
+    EigenSolver,
+    check_result,
+    ihvp_cg,
+    ihvp_lissa,
+)
+from .validation import check_choice, check_data, check_finite, check_indices, check_nonneg, check_options
+
+CURVATURES = ("hessian", "gauss-newton")
+
+
+class InfluenceCalculator:
+    """Influence of the training points of ``train`` on test losses, for one trained model.
+
+    Parameters
+    ----------
+    model, loss_fn, train:
+        the trained model (its current parameters are ``theta*``), a batch-mean loss
+        ``loss_fn(outputs, targets)`` and the training data ``(X, y)``.
+    weight_decay:
+        the ``wd`` of the training objective ``mean loss + (wd/2)||theta||^2``; part of ``H``.
+    damping:
+        ``lambda`` in ``(H + lambda I)^{-1}``.
+    method:
+        inverse-HVP solver, one of :data:`influence_lib.solvers.METHODS`; ``options`` go to it
+        (cg: ``tol``, ``max_iter``; lissa: ``scale``, ``depth``, ``repeats``, ``batch_size``, ``seed``;
+        arnoldi: ``rank``, ``iters``, ``seed``).
+    curvature:
+        ``"hessian"`` (default) or ``"gauss-newton"`` (the GGN, as in PBRF / EK-FAC).
+    params:
+        names of the parameters to differentiate (default: all), e.g. the last layer only.
+    chunk_size:
+        rows of data per vectorised chunk (memory knob; results do not depend on it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train: tuple[Tensor, Tensor],
+        *,
+        weight_decay: float = 0.0,
+        damping: float = 0.0,
+        method: str = "exact",
+        curvature: str = "hessian",
+        params: Sequence[str] | None = None,
+        chunk_size: int | None = None,
+        **options: Any,
+    ):
+        check_choice("method", method, METHODS)
+        check_choice("curvature", curvature, CURVATURES)
+        check_nonneg("damping", damping)
+        check_options(f"method={method!r}", options, SOLVER_OPTIONS[method])
+        self.objective = Objective(model, loss_fn, *train, weight_decay=weight_decay, params=params,
+                                   chunk_size=chunk_size)
+        self.theta = self.objective.theta()
+        check_finite("loss at the model's current parameters", self.objective.loss(self.theta).detach())
+        self.method, self.damping, self.options = method, damping, options
+        self.operator: LinearOperator = (
+            HessianOperator(self.objective, self.theta) if curvature == "hessian"
+            else GaussNewtonOperator(self.objective, self.theta)
+        )
+        self._solver: EigenSolver | ArnoldiSolver | None = None
+        self.last_info: dict[str, Any] = {}
+
+    @property
+    def n_train(self) -> int:
+        return self.objective.n
+
+    # --- the inverse-HVP ----------------------------------------------------------------------
+    def ihvp(self, V: Tensor) -> Tensor:
+        """``(A + damping I)^{-1} V`` for ``V`` ``[p]`` or ``[p, k]`` with the configured method."""
+        V = V.to(dtype=self.theta.dtype, device=self.theta.device)
+        if self.method == "exact":
+            if self._solver is None:
+                self._solver = EigenSolver(self.operator.dense(), self.damping)
+            X, info = self._solver.solve(V), self._solver.info
+        elif self.method == "arnoldi":
+            if self._solver is None:
+                self._solver = ArnoldiSolver(self.operator, self.damping, **self.options)
+            X, info = self._solver.solve(V), self._solver.info
+        elif self.method == "cg":
+            X, info = ihvp_cg(self.operator, V, self.damping, **self.options)
+        else:  # lissa
+            X, info = ihvp_lissa(self.operator, V, self.damping, **self.options)
+        self.last_info = info
+        return check_result(f"method={self.method!r}", X)
+
+    # --- gradients ----------------------------------------------------------------------------
+    def _check_points(self, name: str, data: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        X, y = check_data(name, data, device=self.theta.device, dtype=self.theta.dtype)
+        if X.shape[1:] != self.objective.X.shape[1:]:
+            raise ValueError(
+                f"{name}: inputs must have shape [m, {', '.join(map(str, self.objective.X.shape[1:]))}] like "
+                f"the training inputs, got {tuple(X.shape)}"
+            )
+        return X, y
+
+    def gradients(self, data: tuple[Tensor, Tensor], name: str = "data") -> Tensor:
+        """Per-example loss gradients ``[m, p]`` at ``theta*`` (no weight decay)."""
+        X, y = self._check_points(name, data)
+        G = torch.cat([g for _, g in self.objective.per_sample_grads(self.theta, X, y)])
+        return check_finite("per-example gradients", G)
+
+    def test_ihvp(self, test: tuple[Tensor, Tensor]) -> Tensor:
+        """``A^{-1} g_t`` for every test point, ``[p, m]``."""
+        return self.ihvp(self.gradients(test, "test").T)
+
+    # --- scores -------------------------------------------------------------------------------
+    def scores(self, test: tuple[Tensor, Tensor]) -> Tensor:
+        """``[m_test, n_train]``: ``(1/n) g_t^T (H + damping I)^{-1} g_i`` (see the module docstring)."""
+        S = self.test_ihvp(test)  # [p, m]
+        out = []
+        for _, G in self.objective.per_sample_grads(self.theta, self.objective.X, self.objective.y):
+            out.append((G @ S).T)  # [m, chunk]
+        return check_finite("influence scores", torch.cat(out, dim=1) / self.n_train)
+
+    def param_change(self, remove: Sequence[int] | Tensor) -> Tensor:
+        """Predicted ``theta*_{-i} - theta*`` ``= (1/n) A^{-1} g_i`` for each removed ``i``: ``[len, p]``."""
+        idx = check_indices("remove", remove, self.n_train)
+        G = self.gradients((self.objective.X[idx], self.objective.y[idx]))
+        return (self.ihvp(G.T) / self.n_train).T
+
+    def self_influence(self, indices: Sequence[int] | Tensor | None = None, batch: int = 256) -> Tensor:
+        """``(1/n) g_i^T A^{-1} g_i`` for the training points ``indices`` (default all), ``[len]``.
+
+        The predicted rise of a point's own loss when it is removed (its leave-one-out "memorisation").
+        """
+        idx = torch.arange(self.n_train) if indices is None else check_indices("indices", indices, self.n_train)
+        out = []
+        for start in range(0, idx.numel(), batch):
+            sub = idx[start:start + batch].to(self.objective.X.device)
+            G = self.gradients((self.objective.X[sub], self.objective.y[sub]))
+            out.append((G * self.ihvp(G.T).T).sum(1) / self.n_train)
+        return torch.cat(out)
+
+
+def influence(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    *,
+    weight_decay: float = 0.0,
+    method: str = "exact",
+    damping: float = 0.0,
+    **options: Any,
+) -> Tensor:
+    """Predicted change of each test loss when each training point is removed: ``[n_test, n_train]``.
+
+    ``(1/n) g_test^T (H + damping I)^{-1} g_i`` with ``H`` the Hessian of
+    ``mean_i loss_fn(model(x_i), y_i) + (weight_decay/2)||theta||^2`` at the model's current parameters.
+    ``method`` in ``("exact", "cg", "lissa", "arnoldi")``; ``options`` go to :class:`InfluenceCalculator`
+    (``curvature``, ``params``, ``chunk_size``) or the solver.
+    """
+    calc_keys = {"curvature", "params", "chunk_size"}
+    calc_opts = {k: options.pop(k) for k in list(options) if k in calc_keys}
+    calc = InfluenceCalculator(model, loss_fn, train, weight_decay=weight_decay, damping=damping, method=method,
+                               **calc_opts, **options)
+    return calc.scores(test)

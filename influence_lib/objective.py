@@ -1,0 +1,278 @@
+"""The training objective as a pure function of one flat parameter vector.
+
+For data ``(X, y)`` with ``n`` rows, a model ``f`` and a per-batch *mean* loss ``loss_fn``::
+
+    J(theta) = (1/n) sum_i loss_fn(f(theta, x_i), y_i) + (weight_decay / 2) ||theta||^2
+
+``theta`` is the concatenation of the selected parameters (all of them by default, in
+``model.parameters()`` order); parameters that are not selected stay fixed at their current values.
+Everything here is built on :func:`torch.func.functional_call`, so nothing mutates the model.
+Data are processed in chunks of ``chunk_size`` rows: memory does not grow with ``n`` and the results do
+not depend on the chunk size (up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from .validation import check_data, check_nonneg, check_positive_int
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names and shapes of the selected parameters and the map between dict and flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Flat ``theta`` of shape ``[p]`` -> ``{name: tensor of the parameter's shape}``."""
+        return {
+            n: t.view(s) for n, t, s in zip(self.names, theta.split(self.numels), self.shapes, strict=True)
+        }
+
+    def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """``{name: tensor}`` (or a sequence in ``names`` order) -> flat vector ``[p]``."""
+        if isinstance(tensors, dict):
+            tensors = [tensors[n] for n in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def param_spec(model: nn.Module, names: Sequence[str] | None = None) -> ParamSpec:
+    """The :class:`ParamSpec` of ``model``'s parameters ``names`` (default: all, in model order)."""
+    named = dict(model.named_parameters())
+    if names is None:
+        names = list(named)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(f"params: unknown parameter names {unknown}; the model has {list(named)}")
+    if not names:
+        raise ValueError("params: at least one parameter must be selected")
+    return ParamSpec(tuple(names), tuple(named[n].shape for n in names))
+
+
+def flat_params(model: nn.Module, names: Sequence[str] | None = None) -> Tensor:
+    """Current values of the selected parameters as one detached flat vector ``[p]``."""
+    spec = param_spec(model, names)
+    named = dict(model.named_parameters())
+    return spec.flatten([named[n].detach() for n in spec.names])
+
+
+def set_flat_params(model: nn.Module, theta: Tensor, names: Sequence[str] | None = None) -> None:
+    """Write flat ``theta`` (``[p]``) into the model's selected parameters, in place."""
+    spec = param_spec(model, names)
+    if theta.shape != (spec.size,):
+        raise ValueError(f"theta: expected shape ({spec.size},), got {tuple(theta.shape)}")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in spec.unflatten(theta).items():
+            named[n].copy_(t)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError("model: it has no parameters")
+    return p.device, p.dtype
+
+
+@dataclass
+class Objective:
+    """``J(theta)`` above, with its gradients, Hessian- and Gauss-Newton-vector products.
+
+    ``X`` is cast to the model's dtype and moved, with ``y``, to the model's device. ``params`` selects
+    the parameters that form ``theta`` (default: all); ``chunk_size`` is the number of data rows
+    processed at once (default: all rows).
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    X: Tensor
+    y: Tensor
+    weight_decay: float = 0.0
+    params: Sequence[str] | None = None
+    chunk_size: int | None = None
+    spec: ParamSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_nonneg("weight_decay", self.weight_decay)
+        if self.chunk_size is not None:
+            check_positive_int("chunk_size", self.chunk_size)
+        device, dtype = model_device_dtype(self.model)
+        self.X, self.y = check_data("data", (self.X, self.y), device=device, dtype=dtype)
+        self.spec = param_spec(self.model, self.params)
+        named = dict(self.model.named_parameters())
+        self._fixed = {k: v.detach() for k, v in named.items() if k not in self.spec.names}
+        self._fixed.update({k: v.detach() for k, v in self.model.named_buffers()})
+
+    # --- basic pieces -------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.spec.size
+
+    def theta(self) -> Tensor:
+        """The model's current selected parameters, flat ``[p]``."""
+        return flat_params(self.model, self.spec.names)
+
+    def forward(self, theta: Tensor, x: Tensor) -> Tensor:
+        """Model outputs for inputs ``x`` (``[b, ...]``) at flat parameters ``theta``."""
+        return functional_call(self.model, {**self._fixed, **self.spec.unflatten(theta)}, (x,))
+
+    def sample_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Loss of one example (``x`` without batch dimension), a scalar."""
+        return self.loss_fn(self.forward(theta, x.unsqueeze(0)), y.unsqueeze(0))
+
+    def chunks(self, n: int | None = None) -> Iterator[slice]:
+        n = self.n if n is None else n
+        step = self.chunk_size or max(n, 1)
+        for start in range(0, n, step):
+            yield slice(start, min(start + step, n))
+
+    def _chunk_term(self, theta: Tensor, sl: slice) -> Tensor:
+        """Contribution of rows ``sl`` to the data term: (len/n) * mean loss over the chunk."""
+        rows = sl.stop - sl.start
+        return self.loss_fn(self.forward(theta, self.X[sl]), self.y[sl]) * (rows / self.n)
+
+    # --- values and first derivatives ---------------------------------------------------------
+    def loss(self, theta: Tensor) -> Tensor:
+        """``J(theta)``, a scalar."""
+        total = sum(self._chunk_term(theta, sl) for sl in self.chunks())
+        return total + 0.5 * self.weight_decay * theta.dot(theta)
+
+    def gradient(self, theta: Tensor) -> Tensor:
+        """``grad J(theta)``, shape ``[p]``."""
+        g = sum(grad(self._chunk_term)(theta, sl) for sl in self.chunks())
+        return g + self.weight_decay * theta
+
+    def per_sample_losses(self, theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        """``loss_fn(f(theta, x_i), y_i)`` for every row, shape ``[m]`` (no weight decay)."""
+        out = []
+        for sl in self.chunks(X.shape[0]):
+            out.append(vmap(self.sample_loss, in_dims=(None, 0, 0))(theta, X[sl], y[sl]))
+        return torch.cat(out) if out else X.new_zeros(0)
+
+    def per_sample_grads(self, theta: Tensor, X: Tensor, y: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """Yield ``(rows, G)`` with ``G[j] = grad_theta loss(z_{rows.start + j})``, ``[len(rows), p]``.
+
+        Per-example gradients of the loss only: the weight-decay term is *not* included (it is not a
+        property of any single training point). Chunked with ``chunk_size``.
+        """
+        g = vmap(grad(self.sample_loss), in_dims=(None, 0, 0))
+        for sl in self.chunks(X.shape[0]):
+            yield sl, g(theta, X[sl], y[sl])
+
+    # --- second derivatives -------------------------------------------------------------------
+    def hvp(self, theta: Tensor, V: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Hessian-vector products ``H V`` of ``J`` at ``theta``; ``V`` is ``[p]`` or ``[p, k]``.
+
+        Reverse-over-reverse: the gradient graph of each data chunk is built once, then differentiated
+        again against all ``k`` columns in one batched backward pass. With ``rows`` (indices into the data)
+        the data term is the mean loss over those rows only (a stochastic estimate of the Hessian, as used
+        by LiSSA); the weight-decay term is always exact. For many products at the same ``theta`` use
+        :meth:`hvp_operator`, which keeps the graphs.
+        """
+        return self.hvp_operator(theta, rows, keep_graphs=False)(V)
+
+    def hvp_operator(
+        self, theta: Tensor, rows: Tensor | None = None, *, keep_graphs: bool = True
+    ) -> Callable[[Tensor], Tensor]:
+        """A function ``V -> H V`` at fixed ``theta`` (see :meth:`hvp`).
+
+        ``keep_graphs=True`` builds each chunk's gradient graph once and reuses it for every call (fast;
+        memory of one forward/backward over all rows); ``False`` rebuilds chunk by chunk (memory of one chunk).
+        """
+        if rows is None:
+            X, y, n = self.X, self.y, self.n
+        else:
+            X, y, n = self.X[rows], self.y[rows], rows.numel()
+        theta = theta.detach()
+
+        def chunk_graph(sl: slice) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                leaf = theta.clone().requires_grad_(True)
+                term = self.loss_fn(self.forward(leaf, X[sl]), y[sl]) * ((sl.stop - sl.start) / n)
+                (g,) = torch.autograd.grad(term, leaf, create_graph=True)
+            return leaf, g
+
+        graphs = [chunk_graph(sl) for sl in self.chunks(n)] if keep_graphs else None
+
+        def apply(V: Tensor) -> Tensor:
+            single = V.dim() == 1
+            Vm = V.unsqueeze(1) if single else V
+            out = self.weight_decay * Vm
+            for i, sl in enumerate(self.chunks(n)):
+                leaf, g = graphs[i] if graphs is not None else chunk_graph(sl)
+                if not g.requires_grad:  # the loss is linear in theta on this chunk
+                    continue
+                with torch.enable_grad():
+                    (hv,) = torch.autograd.grad(g, leaf, Vm.T.contiguous(), retain_graph=graphs is not None,
+                                                is_grads_batched=True, allow_unused=True)
+                if hv is not None:
+                    out = out + hv.T
+            return out.squeeze(1) if single else out
+
+        return apply
+
+    def gnvp(self, theta: Tensor, V: Tensor) -> Tensor:
+        """Generalised Gauss-Newton products ``G V`` with ``G = (1/n) sum_i J_i^T H_out,i J_i + wd I``.
+
+        ``J_i`` is the Jacobian of the outputs w.r.t. ``theta`` and ``H_out,i`` the Hessian of the loss
+        in output space. ``G`` is positive semi-definite for convex losses (cross-entropy, MSE).
+        ``V`` is ``[p]`` or ``[p, k]``.
+        """
+        single = V.dim() == 1
+        Vm = V.unsqueeze(1) if single else V
+        out = self.weight_decay * Vm
+        for sl in self.chunks():
+            out = out + self._gnvp_chunk(theta, sl, Vm)
+        return out.squeeze(1) if single else out
+
+    def _gnvp_chunk(self, theta: Tensor, sl: slice, Vm: Tensor) -> Tensor:
+        Xc, yc, scale = self.X[sl], self.y[sl], (sl.stop - sl.start) / self.n
+
+        def outputs_of(t: Tensor) -> Tensor:
+            return self.forward(t, Xc)
+
+        def loss_out(o: Tensor) -> Tensor:
+            return self.loss_fn(o, yc) * scale
+
+        outputs, pullback = vjp(outputs_of, theta)
+
+        def gv(v: Tensor) -> Tensor:
+            jv = jvp(outputs_of, (theta,), (v,))[1]
+            hjv = jvp(grad(loss_out), (outputs,), (jv,))[1]
+            return pullback(hjv)[0]
+
+        return vmap(gv, in_dims=1, out_dims=1)(Vm)
+
+    def hessian(self, theta: Tensor, block_size: int = 128) -> Tensor:
+        """Dense Hessian ``[p, p]`` of ``J`` at ``theta``, built from HVPs on blocks of unit vectors."""
+        check_positive_int("block_size", block_size)
+        p = self.p
+        H = theta.new_empty(p, p)
+        for start in range(0, p, block_size):
+            stop = min(start + block_size, p)
+            E = theta.new_zeros(p, stop - start)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            H[:, start:stop] = self.hvp(theta, E)
+        return H

@@ -1,0 +1,311 @@
+"""Inverse-Hessian-vector products ``X = (A + damping I)^{-1} V`` for a block ``V`` of shape ``[p, k]``.
+
+One damping convention everywhere: ``damping`` is added to the operator ``A`` (the Hessian of the full
+objective, which already contains ``weight_decay * I``). Every solver returns the same quantity, so they are
+interchangeable; each returns ``(X, info)`` where ``info`` is a small dict of diagnostics.
+
+- :func:`ihvp_exact`   eigendecomposition of the dense matrix in float64 (works for indefinite ``A`` as long
+                       as ``A + damping I`` is non-singular).
+- :func:`ihvp_cg`      conjugate gradients, per column, stopping on the *true* residual.
+- :func:`ihvp_lissa`   the stochastic Neumann-series recursion of Agarwal et al. (2017) as used by Koh & Liang.
+- :func:`ihvp_arnoldi` low-rank: the top-``rank`` eigenpairs from a Krylov (Lanczos/Arnoldi) iteration,
+                       inverted in that subspace and zero outside it (Schioppa et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .curvature import LinearOperator, lanczos
+from .validation import NonFiniteError, check_nonneg, check_positive, check_positive_int
+
+
+class SolverError(RuntimeError):
+    """An inverse-HVP solver failed; the message says which setting to change."""
+
+
+class LissaDivergenceError(SolverError):
+    """The LiSSA recursion grew without bound."""
+
+
+def _as_block(V: Tensor) -> tuple[Tensor, bool]:
+    if V.dim() == 1:
+        return V.unsqueeze(1), True
+    if V.dim() != 2:
+        raise ValueError(f"V must have shape [p] or [p, k], got {tuple(V.shape)}")
+    return V, False
+
+
+def _check_size(op: LinearOperator, V: Tensor) -> None:
+    if V.shape[0] != op.size:
+        raise ValueError(f"V: expected {op.size} rows (the number of parameters), got {V.shape[0]}")
+
+
+class EigenSolver:
+    """Exact solves from one eigendecomposition ``A = Q diag(e) Q^T`` (reused across right-hand sides)."""
+
+    def __init__(self, A: Tensor, damping: float = 0.0, *, rtol: float = 1e-12):
+        check_nonneg("damping", damping)
+        A64 = A.detach().double()
+        sym_err = (A64 - A64.T).abs().max()
+        if sym_err > 1e-6 * A64.abs().max().clamp_min(1e-300):
+            raise ValueError(f"A must be symmetric; max |A - A^T| = {float(sym_err):.3g}")
+        self.evals, self.evecs = torch.linalg.eigh(A64)
+        self.damping = damping
+        shifted = self.evals + damping
+        smallest = shifted.abs().min()
+        if smallest <= rtol * shifted.abs().max():
+            raise SolverError(
+                f"A + damping*I is singular (smallest |eigenvalue| {float(smallest):.3g}, "
+                f"lambda_min(A) = {float(self.evals[0]):.4g}); choose damping != {-float(self.evals[0]):.4g}, "
+                "e.g. a positive damping above -lambda_min"
+            )
+        self.inv = 1.0 / shifted
+        self.dtype = A.dtype
+
+    def solve(self, V: Tensor) -> Tensor:
+        Vb, single = _as_block(V)
+        X = self.evecs @ (self.inv.unsqueeze(1) * (self.evecs.T @ Vb.double()))
+        X = X.to(V.dtype)
+        return X.squeeze(1) if single else X
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            "lambda_min": float(self.evals[0]),
+            "lambda_max": float(self.evals[-1]),
+            "n_negative": int((self.evals + self.damping < 0).sum()),
+        }
+
+
+def ihvp_exact(A: Tensor | LinearOperator, V: Tensor, damping: float = 0.0) -> tuple[Tensor, dict[str, Any]]:
+    """``(A + damping I)^{-1} V`` by a float64 eigendecomposition of the dense ``A`` (``[p, p]``)."""
+    M = A.dense() if isinstance(A, LinearOperator) else A
+    solver = EigenSolver(M, damping)
+    return solver.solve(V), solver.info
+
+
+def ihvp_cg(
+    A: LinearOperator,
+    V: Tensor,
+    damping: float = 0.0,
+    *,
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    x0: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Conjugate gradients on ``(A + damping I) X = V``, all ``k`` columns at once (one product per step).
+
+    Each column stops when its *true* residual ``||v - (A + damping I) x|| <= tol * ||v||``: when the
+    recursively updated residual falls below ``tol``, the true residual is recomputed and the iteration goes
+    on from it if it is not small enough. Raises :class:`SolverError` if ``A + damping I`` shows non-positive
+    curvature (CG needs a positive definite system: increase ``damping``) or if ``max_iter`` (default
+    ``10 p``) is reached; ``info`` has ``iterations`` and the final relative ``residual`` of every column.
+    """
+    check_nonneg("damping", damping)
+    check_positive("tol", tol)
+    _check_size(A, V)
+    Vb, single = _as_block(V)
+    p, k = Vb.shape
+    max_iter = 10 * p if max_iter is None else max_iter
+    check_positive_int("max_iter", max_iter)
+
+    def apply(Z: Tensor) -> Tensor:
+        return A.matmat(Z) + damping * Z
+
+    vnorm = Vb.norm(dim=0)
+    zero = vnorm == 0
+    X = torch.zeros_like(Vb) if x0 is None else x0.reshape(p, k).clone()
+    R = Vb - apply(X) if x0 is not None else Vb.clone()
+    P = R.clone()
+    rs = (R * R).sum(0)
+    active = ~zero & (R.norm(dim=0) > tol * vnorm)
+    iters = torch.zeros(k, dtype=torch.long)
+    it = 0
+    while bool(active.any()):
+        if it >= max_iter:
+            res = ((Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300))
+            raise SolverError(
+                f"CG did not reach tol={tol:g} in max_iter={max_iter} iterations (worst relative residual "
+                f"{float(res.max()):.3g}); increase max_iter or damping (better conditioning)"
+            )
+        it += 1
+        idx = active.nonzero().squeeze(1)
+        Pa = P[:, idx]
+        AP = apply(Pa)
+        curv = (Pa * AP).sum(0)
+        if bool((curv <= 0).any()):
+            raise SolverError(
+                "CG met non-positive curvature p^T (A + damping I) p <= 0: the system is not positive definite. "
+                f"Increase damping (now {damping:g}) above -lambda_min(A), or use method='exact'"
+            )
+        alpha = rs[idx] / curv
+        X[:, idx] += alpha * Pa
+        R[:, idx] -= alpha * AP
+        rs_new = (R[:, idx] * R[:, idx]).sum(0)
+        iters[idx] += 1
+        done = rs_new.sqrt() <= tol * vnorm[idx]
+        if bool(done.any()):
+            # confirm with the true residual; restart from it where the recursion has drifted
+            d_idx = idx[done]
+            R_true = Vb[:, d_idx] - apply(X[:, d_idx])
+            ok = R_true.norm(dim=0) <= tol * vnorm[d_idx]
+            active[d_idx[ok]] = False
+            redo = d_idx[~ok]
+            if redo.numel():
+                R[:, redo] = R_true[:, ~ok]
+                P[:, redo] = R_true[:, ~ok]
+                rs[redo] = (R_true[:, ~ok] ** 2).sum(0)
+            keep = ~done
+            idx, rs_new = idx[keep], rs_new[keep]
+        if idx.numel():
+            beta = rs_new / rs[idx]
+            P[:, idx] = R[:, idx] + beta * P[:, idx]
+            rs[idx] = rs_new
+    residual = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
+    info = {"iterations": iters.tolist(), "residual": residual.tolist()}
+    return (X.squeeze(1) if single else X), info
+
+
+def ihvp_lissa(
+    A: LinearOperator,
+    V: Tensor,
+    damping: float = 0.0,
+    *,
+    scale: float | None = None,
+    depth: int = 1000,
+    repeats: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    divergence_factor: float = 10.0,
+) -> tuple[Tensor, dict[str, Any]]:
+    """LiSSA: ``X ~ (A + damping I)^{-1} V`` from the truncated Neumann series, averaged over ``repeats``.
+
+    Recursion (per column): ``x_0 = v``, ``x_{j+1} = v + (I - (A_j + damping I)/scale) x_j``, result
+    ``x_depth / scale``, where ``A_j`` is ``A`` evaluated on a random mini-batch of ``batch_size`` training
+    rows (``None``: all rows, a deterministic Neumann series). It converges iff every eigenvalue of
+    ``(A + damping I) / scale`` lies in ``(0, 2)``: ``damping`` must exceed ``-lambda_min(A)`` and
+    ``scale`` must exceed ``lambda_max(A + damping I) / 2``. ``scale=None`` picks ``1.5 lambda_max``
+    estimated by 30 Lanczos steps. The truncation error decays like ``(1 - (lambda_min + damping)/scale)^depth``.
+
+    Raises :class:`LissaDivergenceError` as soon as ``||x_j||`` exceeds ``divergence_factor (j+1) ||v||``
+    (impossible while the recursion contracts) or becomes non-finite.
+    """
+    check_nonneg("damping", damping)
+    check_positive_int("depth", depth)
+    check_positive_int("repeats", repeats)
+    check_positive("divergence_factor", divergence_factor)
+    _check_size(A, V)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+        if A.n_rows is None:
+            raise ValueError("batch_size: the operator has no data rows to subsample; use batch_size=None")
+        if batch_size > A.n_rows:
+            raise ValueError(f"batch_size must be <= the number of training rows ({A.n_rows}), got {batch_size}")
+    info: dict[str, Any] = {}
+    if scale is None:
+        _, lam_max = _top_eig(A, damping, seed)
+        scale = 1.5 * lam_max
+        info["lambda_max_estimate"] = lam_max
+        if scale <= 0:
+            raise LissaDivergenceError(
+                f"A + damping*I has no positive eigenvalue (lambda_max ~ {lam_max:.3g}); increase damping"
+            )
+    check_positive("scale", scale)
+    Vb, single = _as_block(V)
+    vnorm = Vb.norm(dim=0).clamp_min(1e-300)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    total = torch.zeros_like(Vb)
+    for r in range(repeats):
+        X = Vb.clone()
+        for j in range(depth):
+            op = A
+            if batch_size is not None:
+                rows = torch.randperm(A.n_rows, generator=gen)[:batch_size].to(Vb.device)
+                op = A.on_rows(rows)
+            X = Vb + X - (op.matmat(X) + damping * X) / scale
+            xn = X.norm(dim=0)
+            if not bool(torch.isfinite(xn).all()) or bool((xn > divergence_factor * (j + 2) * vnorm).any()):
+                raise LissaDivergenceError(
+                    f"LiSSA diverged at iteration {j + 1} of repeat {r + 1} (||x|| / ||v|| = "
+                    f"{float((xn / vnorm).max()):.3g}). Increase scale (now {scale:.4g}; it must exceed "
+                    "lambda_max(A + damping I)/2, larger for small batch_size) or increase damping (now "
+                    f"{damping:g}; it must exceed -lambda_min(A))"
+                )
+        total += X / scale
+    X = total / repeats
+    info.update({"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size})
+    return (X.squeeze(1) if single else X), info
+
+
+def _top_eig(A: LinearOperator, damping: float, seed: int) -> tuple[float, float]:
+    evals, _ = lanczos(A, iters=30, seed=seed)
+    return float(evals[0]) + damping, float(evals[-1]) + damping
+
+
+class ArnoldiSolver:
+    """Low-rank inverse from the top-``rank`` (by magnitude) eigenpairs of a Krylov iteration on ``A``.
+
+    ``A ~ U diag(e) U^T`` with ``U`` ``[p, rank]``; the solve is ``U diag(1/(e + damping)) U^T V``: exact on
+    the span of ``U`` and zero on its complement. With ``rank = iters = p`` it equals the exact solve.
+    """
+
+    def __init__(self, A: LinearOperator, damping: float = 0.0, *, rank: int = 20, iters: int | None = None,
+                 seed: int = 0):
+        check_nonneg("damping", damping)
+        check_positive_int("rank", rank)
+        iters = min(A.size, max(2 * rank, rank + 20)) if iters is None else iters
+        check_positive_int("iters", iters)
+        if rank > iters:
+            raise ValueError(f"rank must be <= iters ({iters}), got {rank}")
+        evals, evecs = lanczos(A, iters=iters, seed=seed)
+        order = evals.abs().argsort(descending=True)[:rank]
+        self.evals, self.U = evals[order], evecs[:, order]
+        shifted = self.evals + damping
+        if bool((shifted.abs() <= 1e-12 * shifted.abs().max()).any()):
+            raise SolverError("A + damping*I is singular on the Arnoldi subspace; change damping")
+        self.inv = 1.0 / shifted
+        self.iters = iters
+
+    def solve(self, V: Tensor) -> Tensor:
+        Vb, single = _as_block(V)
+        X = self.U @ (self.inv.unsqueeze(1) * (self.U.T @ Vb))
+        return X.squeeze(1) if single else X
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"rank": int(self.U.shape[1]), "iters": self.iters,
+                "eigenvalues": [float(e) for e in self.evals]}
+
+
+def ihvp_arnoldi(
+    A: LinearOperator, V: Tensor, damping: float = 0.0, *, rank: int = 20, iters: int | None = None, seed: int = 0
+) -> tuple[Tensor, dict[str, Any]]:
+    """Low-rank ``(A + damping I)^{-1} V`` (see :class:`ArnoldiSolver`)."""
+    _check_size(A, V)
+    solver = ArnoldiSolver(A, damping, rank=rank, iters=iters, seed=seed)
+    return solver.solve(V), solver.info
+
+
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "exact": (),
+    "cg": ("tol", "max_iter"),
+    "lissa": ("scale", "depth", "repeats", "batch_size", "seed", "divergence_factor"),
+    "arnoldi": ("rank", "iters", "seed"),
+}
+METHODS = tuple(SOLVER_OPTIONS)
+
+
+def check_result(name: str, X: Tensor) -> Tensor:
+    if not bool(torch.isfinite(X).all()):
+        raise NonFiniteError(f"{name}: the inverse-HVP contains NaN or infinite values")
+    return X
+
+
+def relative_error(X: Tensor, X_ref: Tensor) -> float:
+    """``||X - X_ref||_F / ||X_ref||_F``."""
+    return float((X - X_ref).norm() / X_ref.norm().clamp_min(math.ulp(0.0)))

@@ -1,0 +1,126 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import make_classification, make_mlp
+from torch import nn
+
+import influence_lib as il
+from influence_lib.objective import Objective
+
+
+def flat_loss_fn(model, X, y, wd):
+    """J(theta) written independently with torch.autograd.functional-friendly flat parameters."""
+    shapes = [p.shape for p in model.parameters()]
+
+    def J(theta):
+        out, params, i = X, [], 0
+        for s in shapes:
+            k = s.numel()
+            params.append(theta[i:i + k].view(s))
+            i += k
+        W1, b1, W2, b2 = params
+        out = torch.tanh(X @ W1.T + b1) @ W2.T + b2
+        return F.cross_entropy(out, y) + 0.5 * wd * theta.dot(theta)
+
+    return J
+
+
+def test_hessian_matches_autograd_and_is_symmetric():
+    model = make_mlp()
+    X, y = make_classification()
+    H = il.hessian(model, F.cross_entropy, (X, y), weight_decay=0.03)
+    theta = il.flat_params(model)
+    H_ref = torch.autograd.functional.hessian(flat_loss_fn(model, X, y, 0.03), theta)
+    assert H.shape == (theta.numel(), theta.numel())
+    torch.testing.assert_close(H, H_ref, rtol=1e-10, atol=1e-12)
+    assert (H - H.T).abs().max() < 1e-12
+
+
+def test_hvp_matches_finite_differences_and_dense():
+    model = make_mlp(seed=4)
+    X, y = make_classification(seed=4)
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.02)
+    theta = obj.theta()
+    v = torch.randn(obj.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-5
+    fd = (obj.gradient(theta + eps * v) - obj.gradient(theta - eps * v)) / (2 * eps)
+    hv = obj.hvp(theta, v)
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(hv, obj.hessian(theta) @ v, rtol=1e-10, atol=1e-12)
+    V = torch.randn(obj.p, 5, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(theta, V), obj.hessian(theta) @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_results_do_not_depend_on_chunk_size():
+    model = make_mlp(seed=5)
+    X, y = make_classification(n=37, seed=5)
+    full = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+    chunked = Objective(model, F.cross_entropy, X, y, weight_decay=0.01, chunk_size=5)
+    th = full.theta()
+    torch.testing.assert_close(chunked.hessian(th), full.hessian(th), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(chunked.loss(th), full.loss(th), rtol=1e-13, atol=0)
+    torch.testing.assert_close(chunked.gradient(th), full.gradient(th), rtol=1e-12, atol=1e-14)
+    V = torch.randn(full.p, 3, dtype=torch.float64)
+    torch.testing.assert_close(chunked.gnvp(th, V), full.gnvp(th, V), rtol=1e-12, atol=1e-13)
+
+
+def test_binary_logistic_hessian_closed_form():
+    X, _ = make_classification(n=25, d=3, seed=6)
+    y = (X[:, 0] > 0).double()
+    model = nn.Linear(3, 1).double()
+
+    def loss_fn(out, t):
+        return F.binary_cross_entropy_with_logits(out.squeeze(-1), t)
+
+    wd = 0.1
+    H = il.hessian(model, loss_fn, (X, y), weight_decay=wd)
+    Xa = torch.cat([X, torch.ones(25, 1, dtype=torch.float64)], 1)  # (weight, bias) order
+    s = torch.sigmoid(Xa @ torch.cat([model.weight.detach()[0], model.bias.detach()]))
+    H_ref = (Xa.T * (s * (1 - s))) @ Xa / 25 + wd * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(H, H_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_matches_explicit_jacobians():
+    model = make_mlp(seed=7)
+    X, y = make_classification(n=12, seed=7)
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.05)
+    theta = obj.theta()
+    G_ref = 0.05 * torch.eye(obj.p, dtype=torch.float64)
+    for i in range(12):
+        J = torch.autograd.functional.jacobian(lambda t: obj.forward(t, X[i:i + 1])[0], theta)  # [C, p]
+        out = obj.forward(theta, X[i:i + 1])[0].detach()
+        Hout = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o.unsqueeze(0), y[i:i + 1]), out)
+        G_ref += J.T @ Hout @ J / 12
+    G = il.GaussNewtonOperator(obj).dense()
+    torch.testing.assert_close(G, G_ref, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(G)[0] > 0  # PSD + wd
+
+
+def test_lanczos_recovers_spectrum(nonconvex_problem):
+    model, (X, y), H, evals = nonconvex_problem
+    op = il.DenseOperator(H)
+    ritz, vecs = il.lanczos(op, iters=H.shape[0])
+    torch.testing.assert_close(ritz, evals, rtol=1e-8, atol=1e-10)
+    # Ritz pairs are eigenpairs
+    torch.testing.assert_close(H @ vecs, vecs * ritz, rtol=1e-7, atol=1e-8)
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+    lo, hi = il.extreme_eigenvalues(il.HessianOperator(obj), iters=25)
+    assert hi == pytest.approx(float(evals[-1]), rel=1e-6)
+    assert lo == pytest.approx(float(evals[0]), rel=1e-3)
+
+
+def test_spectrum_summary(nonconvex_problem):
+    *_, H, evals = nonconvex_problem
+    s = il.spectrum_summary(H)
+    assert s["lambda_min"] < 0 < s["lambda_max"]
+    assert s["n_negative"] == int((evals < 0).sum())
+    assert 0 < s["negative_mass"] < 1
+
+
+def test_parameter_subset_is_a_block_of_the_full_hessian():
+    model = make_mlp(seed=8)
+    X, y = make_classification(seed=8)
+    H = il.hessian(model, F.cross_entropy, (X, y), weight_decay=0.01)
+    H_last = il.hessian(model, F.cross_entropy, (X, y), weight_decay=0.01, params=["2.weight", "2.bias"])
+    k = H_last.shape[0]
+    torch.testing.assert_close(H_last, H[-k:, -k:], rtol=1e-12, atol=1e-13)

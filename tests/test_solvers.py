@@ -1,0 +1,137 @@
+"""Every inverse-HVP solver against a dense float64 solve, convex and non-convex."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import influence_lib as il
+from influence_lib.objective import Objective
+
+
+def rhs(p, k=4, seed=0):
+    return torch.randn(p, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def dense_solve(H, V, damping):
+    return torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), V)
+
+
+def rel_err(X, ref):
+    return float((X - ref).norm() / ref.norm())
+
+
+@pytest.fixture(params=["convex", "nonconvex"])
+def problem(request, convex_problem, nonconvex_problem):
+    """(operator from HVPs, dense H, damping): convex with damping, or indefinite H with damping above -lambda_min."""
+    if request.param == "convex":
+        model, (X, y), H = convex_problem
+        obj, damping = Objective(model, F.cross_entropy, X, y, weight_decay=0.05), 0.01
+    else:
+        model, (X, y), H, evals = nonconvex_problem
+        obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+        damping = -float(evals[0]) + 0.05
+    return il.HessianOperator(obj), H, damping
+
+
+def test_exact(problem):
+    op, H, damping = problem
+    V = rhs(op.size)
+    X, info = il.ihvp_exact(op, V, damping)
+    assert rel_err(X, dense_solve(H, V, damping)) < 1e-10
+    assert info["lambda_min"] == pytest.approx(float(torch.linalg.eigvalsh(H)[0]), rel=1e-8, abs=1e-12)
+
+
+def test_exact_without_damping_on_an_indefinite_hessian(nonconvex_problem):
+    *_, H, evals = nonconvex_problem
+    V = rhs(H.shape[0])
+    X, info = il.ihvp_exact(H, V, 0.0)
+    assert info["n_negative"] == int((evals < 0).sum()) > 0
+    assert rel_err(X, dense_solve(H, V, 0.0)) < 1e-8
+
+
+def test_cg(problem):
+    op, H, damping = problem
+    V = rhs(op.size)
+    X, info = il.ihvp_cg(op, V, damping, tol=1e-10)
+    assert rel_err(X, dense_solve(H, V, damping)) < 1e-7
+    assert max(info["residual"]) <= 1e-10
+    assert all(0 < it <= 10 * op.size for it in info["iterations"])
+    # a single column gives the same answer as inside a block
+    x0, _ = il.ihvp_cg(op, V[:, 0], damping, tol=1e-10)
+    torch.testing.assert_close(x0, X[:, 0], rtol=1e-7, atol=1e-10)
+
+
+def test_lissa_full_batch_converges_to_exact(problem):
+    op, H, damping = problem
+    V = rhs(op.size)
+    evals = torch.linalg.eigvalsh(H) + damping
+    scale = float(evals[-1]) * 1.05
+    depth = int(30 / (float(evals[0]) / scale)) + 1  # (1 - mu_min/scale)^depth < e^-30
+    X, info = il.ihvp_lissa(op, V, damping, scale=scale, depth=depth)
+    assert rel_err(X, dense_solve(H, V, damping)) < 1e-8
+    assert info["scale"] == scale
+
+
+def test_lissa_default_scale_and_stochastic_batches(convex_problem):
+    model, (X, y), H = convex_problem
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.05)
+    op, damping, V = il.HessianOperator(obj), 0.05, rhs(obj.p, 2)
+    ref = dense_solve(H, V, damping)
+    Xd, info = il.ihvp_lissa(op, V, damping, depth=600)
+    assert info["lambda_max_estimate"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]) + damping, rel=1e-6)
+    assert rel_err(Xd, ref) < 1e-6
+    a, _ = il.ihvp_lissa(op, V, damping, depth=400, batch_size=10, repeats=4, seed=3)
+    b, _ = il.ihvp_lissa(op, V, damping, depth=400, batch_size=10, repeats=4, seed=3)
+    assert torch.equal(a, b)  # seeded
+    assert 1e-6 < rel_err(a, ref) < 0.5  # stochastic: close, not exact
+
+
+def test_lissa_divergence_raises(nonconvex_problem):
+    model, (X, y), H, evals = nonconvex_problem
+    op = il.HessianOperator(Objective(model, F.cross_entropy, X, y, weight_decay=0.01))
+    V = rhs(op.size, 1)
+    with pytest.raises(il.LissaDivergenceError, match="damping"):
+        il.ihvp_lissa(op, V, 0.0, scale=float(evals[-1]) * 1.1, depth=5000)  # negative eigenvalues
+    with pytest.raises(il.LissaDivergenceError, match="scale"):
+        il.ihvp_lissa(op, V, -float(evals[0]) + 0.1, scale=float(evals[-1]) / 4, depth=5000)  # scale too small
+
+
+def test_arnoldi_full_rank_is_exact_and_low_rank_is_a_projection(problem):
+    op, H, damping = problem
+    V = rhs(op.size)
+    ref = dense_solve(H, V, damping)
+    X, info = il.ihvp_arnoldi(op, V, damping, rank=op.size, iters=op.size)
+    assert rel_err(X, ref) < 1e-7
+    r = 6
+    Xr, info = il.ihvp_arnoldi(op, V, damping, rank=r, iters=op.size)
+    evals, Q = torch.linalg.eigh(H)
+    top = evals.abs().argsort(descending=True)[:r]
+    U = Q[:, top]
+    torch.testing.assert_close(Xr, U @ (U.T @ ref), rtol=1e-6, atol=1e-9)
+    assert len(info["eigenvalues"]) == r
+
+
+def test_cg_reports_non_positive_curvature(nonconvex_problem):
+    model, (X, y), H, evals = nonconvex_problem
+    op = il.DenseOperator(H)
+    # a right-hand side along the most negative eigenvector meets negative curvature at once
+    v = torch.linalg.eigh(H)[1][:, 0]
+    with pytest.raises(il.SolverError, match="damping"):
+        il.ihvp_cg(op, v, 0.0)
+
+
+def test_solvers_reject_bad_input(convex_problem):
+    _, _, H = convex_problem
+    op = il.DenseOperator(H)
+    with pytest.raises(ValueError, match="damping"):
+        il.ihvp_cg(op, rhs(H.shape[0]), -1.0)
+    with pytest.raises(ValueError, match="rows"):
+        il.ihvp_cg(op, rhs(H.shape[0] + 1), 0.1)
+    with pytest.raises(ValueError, match="depth"):
+        il.ihvp_lissa(op, rhs(H.shape[0]), 0.1, depth=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        il.ihvp_lissa(op, rhs(H.shape[0]), 0.1, batch_size=4)  # a dense operator has no rows
+    with pytest.raises(ValueError, match="rank"):
+        il.ihvp_arnoldi(op, rhs(H.shape[0]), 0.1, rank=10, iters=5)
+    with pytest.raises(il.SolverError, match="max_iter"):
+        il.ihvp_cg(op, rhs(H.shape[0]), 0.0, tol=1e-14, max_iter=2)
