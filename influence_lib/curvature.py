@@ -65,23 +65,66 @@ class DenseOperator(LinearOperator):
 
 
 class HessianOperator(LinearOperator):
-    """``H = Hessian of J`` at ``theta`` (weight decay included), products by forward-over-reverse AD."""
+    """``H = Hessian of J`` at ``theta`` (weight decay included), products by reverse-over-reverse AD.
 
-    def __init__(self, objective: Objective, theta: Tensor | None = None, rows: Tensor | None = None):
+    The gradient graph of the data is built on the first product and kept. ``densify=True`` (default): once
+    the products asked for have used as many columns as there are parameters (``p <= densify_max_size``,
+    full data only), the dense ``[p, p]`` matrix is assembled from products with unit vectors (in blocks
+    no wider than the widest block asked for so far, so memory stays as it was) and every later product is
+    a matrix multiplication. The switch at most doubles the cost of the products already made and makes
+    the remaining ones nearly free: iterative solvers that need many more than ``p`` products (CG on many
+    right-hand sides, LiSSA) then cost about one dense Hessian. The results agree to rounding error.
+    """
+
+    #: largest ``p`` for which the operator may switch to a dense matrix (``p^2`` floats of memory)
+    densify_max_size = 4096
+
+    def __init__(self, objective: Objective, theta: Tensor | None = None, rows: Tensor | None = None,
+                 *, densify: bool = True):
         self.objective = objective
         self.theta = objective.theta() if theta is None else theta
         self.rows = rows
         self.size, self.dtype, self.device = objective.p, self.theta.dtype, self.theta.device
+        self.densify = densify and rows is None and self.size <= self.densify_max_size
         self._apply: Callable[[Tensor], Tensor] | None = None
+        self._dense: Tensor | None = None
+        self._columns = 0  # columns multiplied by AD so far
+        self._widest = 1
 
-    def matmat(self, V: Tensor) -> Tensor:
+    def _hvp(self, V: Tensor) -> Tensor:
         if self._apply is None:  # build the gradient graphs on first use and keep them
             self._apply = self.objective.hvp_operator(self.theta, self.rows)
         return self._apply(V)
 
+    def matmat(self, V: Tensor) -> Tensor:
+        if self._dense is not None:
+            return self._dense @ V
+        out = self._hvp(V)
+        if self.densify:
+            self._columns += V.shape[1]
+            self._widest = max(self._widest, V.shape[1])
+            if self._columns >= self.size:
+                self._dense = self._assemble(min(max(self._widest, 32), 128))
+        return out
+
+    def _assemble(self, block_size: int) -> Tensor:
+        p = self.size
+        M = torch.empty(p, p, dtype=self.dtype, device=self.device)
+        for start in range(0, p, block_size):
+            stop = min(start + block_size, p)
+            E = torch.zeros(p, stop - start, dtype=self.dtype, device=self.device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            M[:, start:stop] = self._hvp(E)
+        return (M + M.T) / 2
+
     def dense(self, block_size: int = 128) -> Tensor:
+        if self._dense is not None:
+            return self._dense
         if self.rows is None:
-            return self.objective.hessian(self.theta, block_size)
+            M = self.objective.hessian(self.theta, block_size)
+            if self.densify:
+                self._dense = M
+            return M
         return super().dense(block_size)
 
     def on_rows(self, rows: Tensor) -> HessianOperator:
@@ -196,8 +239,16 @@ def extreme_eigenvalues(op: LinearOperator, *, iters: int = 60, seed: int = 0) -
 
 
 def spectrum_summary(H: Tensor) -> dict[str, float]:
-    """Summary of a dense symmetric matrix's spectrum: extremes, negative mass, condition number."""
-    ev = torch.linalg.eigvalsh(H.double())
+    """Summary of a dense symmetric matrix's spectrum (see :func:`eigenvalue_summary`)."""
+    return eigenvalue_summary(torch.linalg.eigvalsh(H.double()))
+
+
+def eigenvalue_summary(ev: Tensor) -> dict[str, float]:
+    """Extremes, number and mass of negative eigenvalues, trace and condition number of a spectrum.
+
+    ``negative_mass = sum |negative eigenvalues| / sum |eigenvalues|``; ``condition_abs = max|e| / min|e|``.
+    """
+    ev = ev.double().sort().values
     abs_ev = ev.abs()
     neg = ev[ev < 0]
     return {

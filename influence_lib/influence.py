@@ -117,6 +117,15 @@ class InfluenceCalculator:
         self.last_info = info
         return check_result(f"method={self.method!r}", X)
 
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues (ascending, float64) of the curvature without damping; computed once, exact method."""
+        if not isinstance(self._solver, EigenSolver):
+            self._solver = EigenSolver(self.operator.dense(), self.damping) if self.method == "exact" else None
+            if self._solver is None:
+                return torch.linalg.eigvalsh(self.operator.dense().double())
+        return self._solver.evals
+
     # --- gradients ----------------------------------------------------------------------------
     def _check_points(self, name: str, data: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         X, y = check_data(name, data, device=self.theta.device, dtype=self.theta.dtype)
@@ -140,6 +149,15 @@ class InfluenceCalculator:
     # --- scores -------------------------------------------------------------------------------
     def scores(self, test: tuple[Tensor, Tensor]) -> Tensor:
         """``[m_test, n_train]``: ``(1/n) g_t^T (H + damping I)^{-1} g_i`` (see the module docstring)."""
+        obj = self.objective
+        if obj.chunk_size is None:
+            # one vectorised pass for the test and the training gradients (per-example results are the same)
+            Xt, yt = self._check_points("test", test)
+            m = Xt.shape[0]
+            _, G = next(obj.per_sample_grads(self.theta, torch.cat([Xt, obj.X]), torch.cat([yt, obj.y])))
+            G = check_finite("per-example gradients", G)
+            S = self.ihvp(G[:m].T)  # [p, m]
+            return check_finite("influence scores", (G[m:] @ S).T / self.n_train)
         S = self.test_ihvp(test)  # [p, m]
         out = []
         for _, G in self.objective.per_sample_grads(self.theta, self.objective.X, self.objective.y):

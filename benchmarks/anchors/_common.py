@@ -18,20 +18,20 @@ Conventions shared by every adapter (see ``benchmarks/anchors/__init__.py``):
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, Tuple
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, vmap
 
-Pair = Tuple[Tensor, Tensor]
+Pair = tuple[Tensor, Tensor]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def named_params(model: nn.Module) -> Dict[str, Tensor]:
+def named_params(model: nn.Module) -> dict[str, Tensor]:
     """Trainable parameters in ``model.parameters()`` order (detached)."""
     return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -40,7 +40,7 @@ def flat_params(model: nn.Module) -> Tensor:
     return torch.cat([p.reshape(-1) for p in named_params(model).values()])
 
 
-def unflatten(vec: Tensor, like: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def unflatten(vec: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     out, i = {}, 0
     for k, v in like.items():
         out[k] = vec[i:i + v.numel()].view_as(v)

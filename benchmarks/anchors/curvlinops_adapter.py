@@ -38,7 +38,7 @@ so ours = G_test A^{-1} G_train^T / n directly (no sign change).
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +98,7 @@ if AVAILABLE:
         def device(self):
             return self._device
 
-        def _matmat(self, X: List[Tensor]) -> List[Tensor]:
+        def _matmat(self, X: list[Tensor]) -> list[Tensor]:
             return [self._alpha * x for x in X]
 
 
@@ -131,7 +131,8 @@ def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
            damping: float, weight_decay: float = 0.0,
            cg_iters: int = 200, cg_tol: float = 1e-10,
            lissa_depth: int = 1000, lissa_scale: float = 10.0,
-           fisher_type: str = "type-2", **_ignored) -> Tensor:
+           fisher_type: str = "type-2",
+           separate_weight_and_bias: bool = True, **_ignored) -> Tensor:
     C.check_method(method, methods())
     model.eval()
     n = train[0].shape[0]
@@ -157,7 +158,8 @@ def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
     else:
         cls = EKFACLinearOperator if method == "ekfac" else KFACLinearOperator
         op = cls(model, _loss_module(loss_fn), _params(model), [train],
-                 fisher_type=fisher_type, check_deterministic=False)
+                 fisher_type=fisher_type, check_deterministic=False,
+                 separate_weight_and_bias=separate_weight_and_bias)
         inv = KFACInverseLinearOperator(op, damping=alpha, use_exact_damping=True)
         S = inv @ Gte.T
     return (S.T @ Gtr.T).detach() / n

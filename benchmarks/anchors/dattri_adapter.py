@@ -51,9 +51,8 @@ Gotchas found while wiring it up
 from __future__ import annotations
 
 import tempfile
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +85,7 @@ def methods() -> list[str]:
     return list(_METHODS) if AVAILABLE else []
 
 
-def _task(model: nn.Module, loss_fn: Callable, label_dtype: torch.dtype) -> "AttributionTask":
+def _task(model: nn.Module, loss_fn: Callable, label_dtype: torch.dtype) -> AttributionTask:
     dtype = C.model_dtype(model)
 
     def loss_func(params, data):
@@ -107,9 +106,9 @@ def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
            damping: float, weight_decay: float = 0.0,
            cg_iters: int = 200, cg_tol: float = 1e-10,
            lissa_depth: int = 1000, lissa_scale: float = 10.0, lissa_repeats: int = 1,
-           lissa_batch_size: Optional[int] = None,
+           lissa_batch_size: int | None = None,
            arnoldi_rank: int = 20, arnoldi_iters: int = 60,
-           train_batch_size: Optional[int] = None, seed: int = 0, **_ignored) -> Tensor:
+           train_batch_size: int | None = None, seed: int = 0, **_ignored) -> Tensor:
     """[n_test, n_train] scores in our convention (see module docstring)."""
     C.check_method(method, methods())
     n = train[0].shape[0]
@@ -150,8 +149,8 @@ def hvp(model: nn.Module, loss_fn: Callable, train, v: Tensor, weight_decay: flo
 
 
 def loo_retrain(train_func: Callable[..., nn.Module], loss_fn: Callable, train, test,
-                base_model: nn.Module, *, indices: Optional[Sequence[int]] = None,
-                seed: Optional[int] = 0, path: Optional[str] = None, **train_kwargs) -> Tensor:
+                base_model: nn.Module, *, indices: Sequence[int] | None = None,
+                seed: int | None = 0, path: str | None = None, **train_kwargs) -> Tensor:
     """Leave-one-out ground truth through dattri's retraining utility.
 
     ``dattri.model_util.retrain.retrain_loo(train_func, dataloader, path, indices, seed)``

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -90,11 +90,12 @@ def _make_task(loss_fn: Callable, label_dtype: torch.dtype):
 
 def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
            damping: float, weight_decay: float = 0.0, fisher: str = "true",
-           train_batch_size: int | None = None, **_ignored) -> Tensor:
+           train_batch_size: int | None = None, seed: int = 0, **_ignored) -> Tensor:
     C.check_method(method, methods())
     n, m = train[0].shape[0], test[0].shape[0]
     dtype = C.model_dtype(model)
     task = _make_task(loss_fn, train[1].dtype)
+    torch.manual_seed(seed)  # true-Fisher label sampling is random
     kmodel = prepare_model(copy.deepcopy(model).eval(), task)
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as out_dir:

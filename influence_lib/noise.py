@@ -1,0 +1,279 @@
+"""How noisy is the leave-one-out ground truth itself?
+
+For one trained model ``theta*`` and a fixed set of removed training points, the *same* removals are
+retrained several times under different retraining protocols (``runs``): different step counts, full-batch
+or mini-batch, different mini-batch orders (seeds). Each run gives an actual test-loss change per removed
+point; the spread of these across runs is the noise of the ground truth, to be set against the size of the
+predicted effect ``(1/n) g_test^T (H + lambda I)^{-1} g_i`` and against the spread of the actual effects
+across removed points (the signal the correlation has to find).
+
+A noise *setting* is a flat dict (see :data:`NOISE_DEFAULTS`); :func:`run_noise_setting` returns a record;
+:func:`run_noise_grid` stores records as ``<root>/<name>/<key>.json`` like :mod:`influence_lib.sweep` and
+computes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import load_dataset
+from .experiment import DTYPES, _corr, _round, versions
+from .influence import InfluenceCalculator
+from .metrics import top_k
+from .models import build_model, count_params
+from .retrain import retrain_without, train_model
+from .sweep import write_atomic
+from .validation import check_choice
+
+NOISE_DEFAULTS: dict[str, Any] = {
+    "dataset": "mnist-small",
+    "fallback": None,
+    "data_dir": None,  # e.g. an ImageNet-style folder (train/<class>/..., val/<class>/...)
+    "download": False,
+    "image_size": 32,
+    "data_seed": 0,
+    "n_train": 500,
+    "n_test": 200,
+    "dtype": "float64",
+    "model": "mlp",
+    "depth": 1,
+    "width": 16,
+    "activation": "relu",
+    "seed": 0,
+    "weight_decay": 0.001,
+    "optimizer": "adam",
+    "lr": 0.01,
+    "steps": 2000,
+    "method": "cg",
+    "damping": 0.01,
+    "params": "all",
+    "method_options": {},
+    "roles": ["highest", "median"],  # examined test points
+    "k": 10,  # removed points: the k largest |predicted| influences of each examined test point, pooled
+    "loo_optimizer": "adam",
+    "loo_lr": 0.001,
+    # retraining protocols applied to the same removals; "seed" orders the mini-batches
+    "runs": [{"steps": 300, "batch_size": None, "seed": 0}, {"steps": 600, "batch_size": None, "seed": 0},
+             {"steps": 300, "batch_size": 50, "seed": 0}, {"steps": 300, "batch_size": 50, "seed": 1},
+             {"steps": 300, "batch_size": 50, "seed": 2}],
+}
+
+
+def normalize_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(setting) - set(NOISE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"noise setting: unknown key(s) {unknown}; accepted: {sorted(NOISE_DEFAULTS)}")
+    s = {**NOISE_DEFAULTS, **setting}
+    check_choice("dtype", s["dtype"], DTYPES)
+    check_choice("params", s["params"], ("all", "last"))
+    for r in s["roles"]:
+        check_choice("roles", r, ("highest", "median"))
+    if not isinstance(s["k"], int) or s["k"] < 2:
+        raise ValueError(f"k must be an integer >= 2, got {s['k']!r}")
+    if not s["runs"] or any(set(r) - {"steps", "batch_size", "seed"} for r in s["runs"]):
+        raise ValueError("runs must be a non-empty list of {'steps', 'batch_size', 'seed'} dicts")
+    return s
+
+
+def noise_key(setting: dict[str, Any]) -> str:
+    blob = json.dumps(normalize_noise_setting(setting), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def run_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
+    """Train ``theta*``, predict, pick removals, retrain them under every protocol in ``runs``: a record."""
+    s = normalize_noise_setting(setting)
+    t_all = time.perf_counter()
+    dtype = DTYPES[s["dtype"]]
+    loss_fn = F.cross_entropy
+    data = load_dataset(s["dataset"], seed=s["data_seed"], n_train=s["n_train"], n_test=s["n_test"],
+                        fallback=s["fallback"], dtype=dtype, flatten=s["model"] in ("mlp", "linear"),
+                        data_dir=s["data_dir"], download=s["download"], image_size=s["image_size"])
+    train = (data.X_train, data.y_train)
+    n = len(data.y_train)
+    kwargs: dict[str, Any] = {"depth": s["depth"], "width": s["width"], "activation": s["activation"]}
+    if s["model"] in ("vgg", "resnet"):
+        kwargs = {"width": s["width"], "activation": s["activation"],
+                  ("stages" if s["model"] == "vgg" else "blocks"): s["depth"]}
+    model = build_model(s["model"], in_shape=tuple(data.X_train.shape[1:]), n_classes=data.n_classes,
+                        seed=s["seed"], dtype=dtype, **kwargs)
+    t = time.perf_counter()
+    fit = train_model(model, loss_fn, train, weight_decay=s["weight_decay"], optimizer=s["optimizer"], lr=s["lr"],
+                      steps=s["steps"], seed=s["seed"])
+    timings = {"train": time.perf_counter() - t}
+    with torch.no_grad():
+        out = model(data.X_test)
+        test_losses = F.cross_entropy(out, data.y_test, reduction="none")
+        test_acc = float((out.argmax(1) == data.y_test).double().mean())
+    order = torch.argsort(test_losses, descending=True)
+    index = {"highest": int(order[0]), "median": int(order[len(order) // 2])}
+    sel = torch.tensor([index[r] for r in s["roles"]])
+    test = (data.X_test[sel], data.y_test[sel])
+
+    t = time.perf_counter()
+    from .models import last_layer_params
+
+    params = None if s["params"] == "all" else last_layer_params(model)
+    calc = InfluenceCalculator(model, loss_fn, train, weight_decay=s["weight_decay"], damping=s["damping"],
+                               method=s["method"], params=params, **s["method_options"])
+    pred = calc.scores(test)  # [T, n]
+    timings["influence"] = time.perf_counter() - t
+    pool: list[int] = []
+    for row in pred:
+        pool.extend(int(i) for i in top_k(row, min(s["k"], n)))
+    remove = torch.tensor(sorted(set(pool)))
+
+    runs = []
+    for run in s["runs"]:
+        t = time.perf_counter()
+        loo = retrain_without(model, loss_fn, train, test, remove, weight_decay=s["weight_decay"],
+                              optimizer=s["loo_optimizer"], lr=s["loo_lr"], steps=run["steps"],
+                              batch_size=run["batch_size"], seed=run["seed"], warm_start=True,
+                              reference="retrained", progress=False)
+        runs.append({**run, "actual": [_round(a) for a in loo.loss_change.T],  # [T][R]
+                     "seconds": time.perf_counter() - t})
+    timings["loo"] = sum(r["seconds"] for r in runs)
+    timings["total"] = time.perf_counter() - t_all
+    rem = remove.numpy()
+    return {
+        "setting": s,
+        "dataset": {"requested": data.requested, "name": data.name, "source": data.source, "n_train": n,
+                    "n_test": len(data.y_test), "substitute": data.is_substitute},
+        "model": {"n_params": count_params(model), "n_params_influence": calc.objective.p},
+        "training": {**fit, "test_accuracy": test_acc},
+        "test_points": [{"role": r, "index": index[r], "test_loss": float(test_losses[index[r]]),
+                         "predicted": _round(pred[j, remove])} for j, r in enumerate(s["roles"])],
+        "removed": [int(i) for i in rem],
+        "runs": runs,
+        "timings": timings,
+        "versions": versions(),
+    }
+
+
+def run_noise_grid(name: str, settings: Sequence[dict[str, Any]], *, root: Path | str,
+                   recompute: bool = False) -> list[dict[str, Any]]:
+    """Records of ``settings`` under ``<root>/<name>/``, computing (sequentially) only the missing ones."""
+    import os
+
+    recompute = recompute or os.environ.get("IL_RECOMPUTE", "") not in ("", "0")
+    out = []
+    for s in settings:
+        path = Path(root) / name / f"{noise_key(s)}.json"
+        if recompute or not path.exists():
+            try:
+                record = _finite(run_noise_setting(s))
+            except Exception as e:  # recorded so that the chapter can list it
+                record = {"setting": normalize_noise_setting(s), "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc(limit=5)}
+            write_atomic(path, record)
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def noise_summary(record: dict[str, Any], base_run: int = 0, seed_runs: Sequence[int] | None = None,
+                  step_runs: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Per examined test point: the size of the predicted effect, the spread of the actual effects across
+    removed points (signal), the spread of the same removal across retraining seeds and across step counts
+    (noise), and the correlations between predictions and runs and between two runs.
+
+    ``seed_runs``: indices of runs that differ only in the seed (default: all mini-batch runs);
+    ``step_runs``: indices of runs that differ only in the step count (default: all full-batch runs).
+    """
+    runs = record["runs"]
+    if seed_runs is None:
+        seed_runs = [i for i, r in enumerate(runs) if r["batch_size"] is not None]
+    if step_runs is None:
+        step_runs = [i for i, r in enumerate(runs) if r["batch_size"] is None]
+    rows = []
+    for j, tp in enumerate(record["test_points"]):
+        pred = np.asarray(tp["predicted"])
+        A = np.asarray([r["actual"][j] for r in runs])  # [runs, R]
+        row: dict[str, Any] = {"role": tp["role"], "n_removed": len(pred),
+                               "mean_abs_predicted": float(np.mean(np.abs(pred))),
+                               "signal_sd": float(np.std(A[base_run], ddof=1))}
+        for label, idx in (("seed", seed_runs), ("steps", step_runs)):
+            if len(idx) >= 2:
+                row[f"noise_sd_{label}"] = float(np.mean(np.std(A[list(idx)], axis=0, ddof=1)))
+                row[f"signal_sd_{label}"] = float(np.std(A[list(idx)].mean(0), ddof=1))
+                row[f"run_vs_run_spearman_{label}"] = _corr(A[idx[0]], A[idx[1]])["spearman"]
+            else:
+                row[f"noise_sd_{label}"] = row[f"signal_sd_{label}"] = row[f"run_vs_run_spearman_{label}"] = None
+        row["pred_vs_run_spearman"] = [_corr(pred, a)["spearman"] for a in A]
+        rows.append(row)
+    return rows
+
+
+# --- the ground-truth chapter's settings --------------------------------------------------------------------
+NOISE_PRESET: dict[str, Any] = {
+    "dataset": "mnist-small", "n_test": 200, "model": "mlp", "depth": 1, "width": 16, "dtype": "float64",
+    "weight_decay": 0.001, "optimizer": "adam", "lr": 0.01, "steps": 1500, "method": "cg", "damping": 0.01,
+    "method_options": {"max_iter": 300}, "roles": ["highest", "median"], "k": 5,
+    "runs": [{"steps": 100, "batch_size": None, "seed": 0}, {"steps": 200, "batch_size": None, "seed": 0},
+             {"steps": 200, "batch_size": 50, "seed": 0}, {"steps": 200, "batch_size": 50, "seed": 1},
+             {"steps": 200, "batch_size": 50, "seed": 2}],
+}
+_QUICK_RUNS = [{"steps": 20, "batch_size": None, "seed": 0}, {"steps": 40, "batch_size": None, "seed": 0},
+               {"steps": 40, "batch_size": 20, "seed": 0}, {"steps": 40, "batch_size": 20, "seed": 1}]
+NOISE_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "default": [{"n_train": 150}, {"n_train": 500}, {"n_train": 1500}],
+    "quick": [{"n_train": 60, "n_test": 40, "steps": 200, "runs": _QUICK_RUNS, "k": 3},
+              {"n_train": 240, "n_test": 40, "steps": 200, "runs": _QUICK_RUNS, "k": 3}],
+}
+
+
+def noise_settings(profile: str, overrides: dict[str, Any] | None = None,
+                   seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The ground-truth chapter's noise settings on ``profile`` (``"default"`` or ``"quick"``)."""
+    check_choice("profile", profile, NOISE_GRIDS)
+    out = []
+    for g in NOISE_GRIDS[profile]:
+        for seed in seeds if seeds is not None else [0]:
+            s = {**NOISE_PRESET, **g, **(overrides or {}), "seed": seed}
+            normalize_noise_setting(s)
+            out.append(s)
+    return out
+
+
+def _finite(o: Any) -> Any:
+    """Non-finite floats (e.g. an infinite condition number of a singular Hessian) -> None, recursively."""
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite(v) for v in o]
+    return o
+
+
+def run_grid_finite(name: str, settings: Sequence[dict[str, Any]], *, root: Path | str,
+                    recompute: bool | None = None) -> list[dict[str, Any]]:
+    """Like :func:`influence_lib.sweep.run_grid` (same record files), computing missing records here, one
+    thread, with non-finite diagnostics stored as ``null`` (JSON cannot hold ``inf``)."""
+    import os
+
+    from .experiment import normalize_setting, run_setting
+    from .sweep import record_path
+
+    recompute = os.environ.get("IL_RECOMPUTE", "") not in ("", "0") if recompute is None else recompute
+    out = []
+    for s in settings:
+        path = record_path(name, s, root)
+        if recompute or not path.exists():
+            try:
+                record = _finite(run_setting(s))
+            except Exception as e:  # recorded so that the chapter can list it
+                record = {"setting": normalize_setting(s), "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc(limit=5)}
+            write_atomic(path, record)
+        out.append(json.loads(path.read_text()))
+    return out

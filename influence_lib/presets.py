@@ -1,0 +1,125 @@
+"""Named base settings of the book's sweeps, and their grids per profile.
+
+``PRESETS[name]`` is the base setting of sweep ``name`` (see :data:`influence_lib.experiment.DEFAULTS` for
+every key); ``GRIDS[name][profile]`` is ``(grid, seeds)``. Chapters and the command line share these, so
+``python -m influence_lib.sweep NAME --grid ...`` computes records the chapter of that name can read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sweep import expand
+
+IRIS_DEPTHS = [1, 2, 3, 4, 5, 6, 7, 8]
+IRIS_WIDTHS = [5, 10, 20, 30, 40, 50]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Iris MLPs (paper section "Iris"): exact Hessian, warm-start LOO of every training point
+    "iris": {
+        "dataset": "iris", "model": "mlp", "activation": "relu", "dtype": "float64",
+        "optimizer": "adam", "lr": 0.01, "steps": 10000,
+        "methods": ["exact"], "damping": 0.001,
+        "remove": "all", "k": 25, "n_random_test": 3,
+        "loo_optimizer": "adam", "loo_lr": 0.001, "loo_steps": 3000,
+    },
+    # the convex baseline: L2-regularised multinomial logistic regression
+    "convex-iris": {
+        "dataset": "iris", "model": "linear", "dtype": "float64", "weight_decay": 0.01,
+        "optimizer": "sgd", "lr": 1.0, "steps": 5000, "methods": ["exact", "cg", "lissa", "arnoldi"],
+        "damping": 0.0, "remove": "all", "k": 25, "n_random_test": 3,
+        "loo_optimizer": "sgd", "loo_lr": 1.0, "loo_steps": 3000, "loo_normalization": "full",
+        "method_options": {"lissa": {"depth": 3000}, "arnoldi": {"rank": 10}},
+    },
+    "convex-mnist": {
+        "dataset": "mnist-small", "n_train": 1000, "n_test": 200, "model": "linear", "dtype": "float64",
+        "weight_decay": 0.01, "optimizer": "sgd", "lr": 0.5, "steps": 3000, "methods": ["cg"],
+        "method_options": {"cg": {"tol": 1e-10}},
+        "damping": 0.0, "remove": "top", "k": 50, "n_random_test": 1,
+        "loo_optimizer": "sgd", "loo_lr": 0.5, "loo_steps": 1500, "loo_normalization": "full", "loo_chunk_size": 50,
+    },
+    # small MNIST (paper section "small MNIST"): MLPs small enough for the exact Hessian; exact vs CG vs
+    # LiSSA (stochastic, mini-batch HVPs) vs Arnoldi on the same models
+    "mnist": {
+        "dataset": "mnist-small", "n_train": 300, "n_test": 100, "model": "mlp", "width": 4, "dtype": "float64",
+        "optimizer": "adam", "lr": 0.01, "steps": 1000,
+        "methods": ["exact", "cg", "lissa", "arnoldi"], "damping": 0.01,
+        "method_options": {"lissa": {"depth": 300, "batch_size": 50, "scale": 50.0}, "arnoldi": {"rank": 30},
+                           "cg": {"max_iter": 300}},
+        "remove": "top", "k": 15, "n_random_test": 1,
+        "loo_optimizer": "adam", "loo_lr": 0.001, "loo_steps": 200,
+    },
+    # deeper CNNs (paper section "CIFAR-10"): CIFAR-10 when present, else the named Fashion-MNIST stand-in
+    "cnn": {
+        "dataset": "cifar10", "fallback": "fashion-mnist", "n_train": 100, "n_test": 100, "dtype": "float32",
+        "model": "small_cnn", "depth": 2, "width": 4, "weight_decay": 0.001,
+        "optimizer": "adam", "lr": 0.01, "steps": 300,
+        "methods": ["exact"], "damping": 0.01, "params": "last",
+        "remove": "top", "k": 8, "n_random_test": 0,
+        "loo_optimizer": "adam", "loo_lr": 0.001, "loo_steps": 50,
+    },
+    # test-point dependence: every test point of a small test set is examined, across seeds
+    "test-points": {
+        "dataset": "mnist-small", "n_train": 150, "n_test": 30, "model": "mlp", "width": 8, "dtype": "float64",
+        "weight_decay": 0.001, "optimizer": "adam", "lr": 0.01, "steps": 2000,
+        "methods": ["cg"], "damping": 0.01, "method_options": {"cg": {"max_iter": 300}},
+        "remove": "all", "k": 25, "n_random_test": 28,
+        "loo_optimizer": "adam", "loo_lr": 0.001, "loo_steps": 150,
+    },
+}
+
+_QUICK_IRIS = {"steps": 300, "loo_steps": 100}
+
+GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
+    # each grid is a list of partial grids (unioned), so that depth and width sweeps share depth=1,width=5
+    "iris": {
+        "default": ([{"depth": IRIS_DEPTHS, "width": [5], "weight_decay": [0.0, 0.005]},
+                     {"depth": [1], "width": IRIS_WIDTHS[1:], "weight_decay": [0.0, 0.005]}], [0, 1, 2]),
+        "quick": ([{"depth": [1, 3], "width": [5], "weight_decay": [0.0, 0.005], **{k: [v] for k, v in
+                                                                              _QUICK_IRIS.items()}},
+                   {"depth": [1], "width": [10], "weight_decay": [0.0, 0.005], **{k: [v] for k, v in
+                                                                             _QUICK_IRIS.items()}}], [0]),
+    },
+    "convex-iris": {"default": ([{"loo_normalization": ["full", "remaining"]}], [0, 1, 2]),
+                    "quick": ([{"steps": [500], "loo_steps": [300], "loo_normalization": ["full", "remaining"]}],
+                              [0])},
+    "convex-mnist": {"default": ([{}], [0]),
+                     "quick": ([{"n_train": [200], "n_test": [50], "steps": [300], "loo_steps": [200],
+                                 "k": [10]}], [0])},
+    "mnist": {"default": ([{"depth": [1, 2], "weight_decay": [0.0, 0.001]},
+                           {"depth": [3], "weight_decay": [0.001]},
+                           {"depth": [1], "width": [2], "weight_decay": [0.001]}],
+                          [0]),
+              "quick": ([{"depth": [1], "width": [2], "weight_decay": [0.0, 0.001], "n_train": [100], "n_test": [40],
+                          "steps": [200], "loo_steps": [50], "k": [6]}], [0])},
+    # full-network exact influence of the small CNN in float64 (a float32 dense Hessian is not symmetric enough)
+    "cnn": {"default": ([{"model": ["small_cnn"], "params": ["last"]},
+                         {"model": ["small_cnn"], "params": ["all"], "dtype": ["float64"]},
+                         {"model": ["vgg", "resnet"], "depth": [2], "params": ["last"]}], [0]),
+            "quick": ([{"model": ["small_cnn", "vgg", "resnet"], "depth": [1], "n_train": [40], "n_test": [40],
+                        "steps": [50], "loo_steps": [20], "k": [5]},
+                       {"model": ["small_cnn"], "depth": [1], "n_train": [40], "n_test": [40], "params": ["all"],
+                        "dtype": ["float64"], "steps": [50], "loo_steps": [20], "k": [5]}], [0])},
+    "test-points": {"default": ([{"depth": [1, 3]}], [0, 1]),
+                    "quick": ([{"depth": [1], "n_train": [50], "n_test": [20], "n_random_test": [18],
+                                "steps": [200], "loo_steps": [40], "k": [10]}], [0, 1])},
+}
+
+
+def settings(name: str, profile: str, overrides: dict[str, Any] | None = None,
+             seeds: list[int] | None = None) -> list[dict[str, Any]]:
+    """The settings of sweep ``name`` on ``profile``, with ``overrides`` applied to every setting."""
+    if name not in PRESETS:
+        raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
+    if profile not in GRIDS[name]:
+        raise ValueError(f"profile must be one of {sorted(GRIDS[name])}, got {profile!r}")
+    grids, default_seeds = GRIDS[name][profile]
+    out: list[dict[str, Any]] = []
+    seen = set()
+    for grid in grids:
+        for s in expand({**PRESETS[name], **(overrides or {})}, grid, default_seeds if seeds is None else seeds):
+            key = repr(sorted(s.items(), key=lambda kv: kv[0]))
+            if key not in seen:
+                seen.add(key)
+                out.append(s)
+    return out
