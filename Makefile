@@ -7,7 +7,7 @@ PROFILE ?= default
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup test lint book book-quick book-recompute bench demo clean
+.PHONY: setup test lint book book-quick book-recompute bench bench-compare demo clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,13 @@ book-recompute: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+
+## bench-compare: influence_lib against dattri, curvlinops, kronfluence (own virtualenv, BENCH_VENV)
+BENCH_VENV ?= .venv-bench
+bench-compare:
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements.txt -r benchmarks/requirements-bench.txt
+	PYTHONPATH=. $(BENCH_VENV)/bin/python benchmarks/compare.py
 
 demo: $(STAMP)
 	$(PY) -m influence_lib.demo

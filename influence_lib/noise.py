@@ -32,7 +32,7 @@ from .influence import InfluenceCalculator
 from .metrics import top_k
 from .models import build_model, count_params
 from .retrain import retrain_without, train_model
-from .sweep import write_atomic
+from .sweep import json_finite, write_atomic
 from .validation import check_choice
 
 NOISE_DEFAULTS: dict[str, Any] = {
@@ -171,7 +171,7 @@ def run_noise_grid(name: str, settings: Sequence[dict[str, Any]], *, root: Path 
         path = Path(root) / name / f"{noise_key(s)}.json"
         if recompute or not path.exists():
             try:
-                record = _finite(run_noise_setting(s))
+                record = json_finite(run_noise_setting(s))
             except Exception as e:  # recorded so that the chapter can list it
                 record = {"setting": normalize_noise_setting(s), "error": f"{type(e).__name__}: {e}",
                           "traceback": traceback.format_exc(limit=5)}
@@ -241,39 +241,4 @@ def noise_settings(profile: str, overrides: dict[str, Any] | None = None,
             s = {**NOISE_PRESET, **g, **(overrides or {}), "seed": seed}
             normalize_noise_setting(s)
             out.append(s)
-    return out
-
-
-def _finite(o: Any) -> Any:
-    """Non-finite floats (e.g. an infinite condition number of a singular Hessian) -> None, recursively."""
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_finite(v) for v in o]
-    return o
-
-
-def run_grid_finite(name: str, settings: Sequence[dict[str, Any]], *, root: Path | str,
-                    recompute: bool | None = None) -> list[dict[str, Any]]:
-    """Like :func:`influence_lib.sweep.run_grid` (same record files), computing missing records here, one
-    thread, with non-finite diagnostics stored as ``null`` (JSON cannot hold ``inf``)."""
-    import os
-
-    from .experiment import normalize_setting, run_setting
-    from .sweep import record_path
-
-    recompute = os.environ.get("IL_RECOMPUTE", "") not in ("", "0") if recompute is None else recompute
-    out = []
-    for s in settings:
-        path = record_path(name, s, root)
-        if recompute or not path.exists():
-            try:
-                record = _finite(run_setting(s))
-            except Exception as e:  # recorded so that the chapter can list it
-                record = {"setting": normalize_setting(s), "error": f"{type(e).__name__}: {e}",
-                          "traceback": traceback.format_exc(limit=5)}
-            write_atomic(path, record)
-        out.append(json.loads(path.read_text()))
     return out

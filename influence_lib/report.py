@@ -66,3 +66,56 @@ def runtime_summary(records: Sequence[dict[str, Any]]) -> str:
     t = np.array([r["timings"]["total"] for r in ok])
     return (f"{len(ok)} records, {t.sum() / 60:.1f} CPU-minutes in total "
             f"(median {np.median(t):.1f} s per record, single-threaded).")
+
+
+def fmt_ci(mean: float, lo: float, hi: float, digits: int = 2) -> str:
+    """``"m [lo, hi]"``; ``"m (no interval)"`` where the interval is undefined; ``"n/a"`` without a value."""
+    if not np.isfinite(mean):
+        return "n/a"
+    if not np.isfinite(lo):
+        return f"{mean:.{digits}f} (no interval)"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def slope_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Least-squares slope of ``y`` on ``x`` with a Student-t interval: ``(slope, lo, hi)``.
+
+    Rows where ``y`` is not finite (an undefined correlation) are left out; NaN where there are fewer than two
+    distinct ``x`` values, and an undefined interval with fewer than three points.
+    """
+    from scipy import stats
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(np.unique(x)) < 2:
+        return np.nan, np.nan, np.nan
+    res = stats.linregress(x, y)
+    if len(x) < 3:
+        return float(res.slope), np.nan, np.nan
+    half = stats.t.ppf((1 + level) / 2, len(x) - 2) * res.stderr
+    return float(res.slope), float(res.slope - half), float(res.slope + half)
+
+
+def verdict(est: float, lo: float, hi: float, expected_sign: int) -> str:
+    """Verdict on an effect with interval ``[lo, hi]`` against the paper's direction ``expected_sign``.
+
+    ``"reproduced"``: the interval excludes 0 on the paper's side (``expected_sign = 0``: any side);
+    ``"opposite"``: it excludes 0 on the other side; otherwise the effect is not resolved.
+    """
+    if not np.isfinite(est):
+        return "no data"
+    if not np.isfinite(lo):
+        return "no interval (one seed or too few records)"
+    if lo > 0 or hi < 0:
+        return "reproduced" if expected_sign == 0 or np.sign(est) == expected_sign else "opposite"
+    return "not resolved (interval contains 0)"
+
+
+def line_ci(ax, agg, x: str, m: str, style: str = "o-", label_suffix: str = "") -> None:
+    """Plot the mean over seeds with a 95% interval bar, one line per weight decay (an :func:`aggregate` frame)."""
+    for i, (wd, g) in enumerate(agg.groupby("weight_decay")):
+        g = g.sort_values(x)
+        mean = g[f"{m}_mean"].to_numpy()
+        err = np.vstack([mean - g[f"{m}_lo"].to_numpy(), g[f"{m}_hi"].to_numpy() - mean])
+        ax.errorbar(g[x], mean, yerr=err, fmt=style, color=f"C{i}", capsize=3, label=f"wd {wd:g}{label_suffix}")

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -78,6 +79,21 @@ def write_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def json_finite(obj: Any) -> Any:
+    """A copy of ``obj`` with non-finite floats replaced by ``None`` (JSON has no ``inf``/``nan``).
+
+    Used for diagnostics that are legitimately unbounded (the condition number of a singular Hessian); metrics
+    that must be finite are checked where they are computed (:func:`influence_lib.experiment._round` refuses them).
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_finite(v) for v in obj]
+    return obj
+
+
 def expand(base: dict[str, Any], grid: dict[str, Sequence[Any]] | None = None,
            seeds: Iterable[int] = (0,)) -> list[dict[str, Any]]:
     """All settings of the grid (cartesian product) for every seed, ``base`` filling the rest."""
@@ -98,7 +114,7 @@ def _work(name: str, setting: dict[str, Any], root: str, threads: int) -> tuple[
     torch.set_num_threads(threads)
     path = record_path(name, setting, root)
     try:
-        record = run_setting(setting)
+        record = json_finite(run_setting(setting))
     except Exception as e:  # recorded so that the chapter can show it; retried with retry_failed
         record = {"setting": normalize_setting(setting), "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(limit=5)}

@@ -1,0 +1,208 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {display_name: Python 3, language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # Appendix: benchmarks
+#
+# How fast is `influence_lib`, and how does it compare with the libraries a reader might use instead? This
+# page renders two machine-readable records written by two scripts in `benchmarks/`; nothing on it is typed
+# by hand, and every number comes from one run of one script on one machine (the machine, the command and
+# the time are printed below each heading).
+#
+# **`benchmarks/bench_core.py`** (`make bench`, main virtualenv) measures `influence_lib` against itself on
+# the Iris data with float64 MLPs:
+#
+# - leave-one-out retraining of *every* training point: the batched `il.loo_retrain` (all models trained
+#   at once, `torch.func.vmap` over stacked parameters) against the loop one writes by hand (copy the model,
+#   `torch.optim.Adam`, the same number of full-batch steps without the point), with the largest difference
+#   between the two results;
+# - the cost of a Hessian-vector product (HVP) relative to a gradient;
+# - the wall time of `il.influence` per inverse-HVP method, with the agreement of its scores with the exact
+#   ones.
+#
+# **`benchmarks/compare.py`** (`make bench-compare`, a separate virtualenv with the anchor libraries of
+# `benchmarks/requirements-bench.txt`) computes the same scores — every training point for every test
+# point, `(1/n) g_test^T (H + damping I)^{-1} g_i` — with `influence_lib` and with
+# [dattri](https://github.com/TRAIS-Lab/dattri), [curvlinops](https://github.com/f-dangel/curvlinops) and
+# [kronfluence](https://github.com/pomonam/kronfluence) (torch-influence is not installable from a package
+# index and is left out), on the same trained model, data, weight decay and damping. Each measurement runs in
+# a fresh process (after an untimed warm-up on a few points, which absorbs one-off import costs), which reports
+# the wall time of the whole call and its peak memory (growth of the process's maximum resident set). Settings
+# are matched per method: the same LiSSA depth and scale, the same Arnoldi rank and number of Krylov steps,
+# and the anchors' CG gets the number of iterations `influence_lib`'s CG needed to meet its tolerance. Accuracy
+# is the relative (Frobenius) error and the Pearson correlation of the scores against the exact float64 scores.
+#
+# Timings on a small shared machine are noisy; the *ratios* measured side by side in one run are the numbers
+# to read. EK-FAC (an approximation of the Gauss-Newton matrix, not of the Hessian) has no counterpart in
+# `influence_lib` yet: its rows show the anchors' own numbers only.
+
+# %% tags=["parameters"]
+results_dir = None  # default: benchmarks/results of the repository
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
+
+import influence_lib
+
+RESULTS = Path(results_dir) if results_dir else Path(influence_lib.__file__).resolve().parent.parent / "benchmarks/results"
+
+
+def load(name):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+core, compare = load("core.json"), load("compare.json")
+
+
+def machine_text(rec):
+    m = rec["machine"]
+    end = m.get("loadavg_end")
+    return (f"Measured on {m['time_utc']} on `{m['host']}` ({m['cpu_count']} CPU cores, {m['processor']}, "
+            f"{m['platform']}), torch {m['torch']} with {m['torch_threads']} thread(s) per process; "
+            f"load average {m['loadavg_1_5_15'][0]:.1f} at the start" + (f" and {end[0]:.1f} at the end" if end
+                                                                         else "")
+            + f" of the run (the machine is shared: a load above its {m['cpu_count']} cores means other "
+            f"processes ran at the same time). Command: `{m['command']}`; total {rec['total_s'] / 60:.1f} min."
+            + "".join(f" Re-measured later: {', '.join(r['parts'])} on {r['machine']['time_utc']} (load average "
+                      f"{r['machine']['loadavg_1_5_15'][0]:.1f}, command `{r['machine']['command']}`)."
+                      for r in rec.get("remeasured", [])))
+
+
+# %% [markdown]
+# ## `influence_lib` on its own (`bench_core.py`)
+
+# %%
+if core is None:
+    display(Markdown("**`benchmarks/results/core.json` is missing**: run `make bench` to create it."))
+else:
+    display(Markdown(machine_text(core)))
+    rows = []
+    for e in core["models"]:
+        lo = e["loo"]
+        rows.append({"model": e["model"], "parameters": e["p"], "models trained": lo["models_trained"],
+                     "Adam steps each": lo["steps"], "batched (s)": lo["batched_s"],
+                     "sequential loop (s)": lo["sequential_s"], "speed-up": lo["speedup"],
+                     "max |difference|": lo["max_abs_diff"]})
+    loo_df = pd.DataFrame(rows)
+    display(Markdown("**Leave-one-out retraining of every training point** (plus the full-data reference), "
+                     "batched vs. a sequential `torch.optim` loop, median of repeats:"))
+    display(loo_df.style.format({"batched (s)": "{:.2f}", "sequential loop (s)": "{:.2f}",
+                                 "speed-up": "{:.1f}x", "max |difference|": "{:.1e}"}).hide(axis="index"))
+    worst = loo_df["speed-up"].min()
+    display(Markdown(f"The target of at least 10x is {'met' if worst >= 10 else '**not met**'}: the smallest "
+                     f"speed-up is {worst:.1f}x, and both ways give the same numbers to "
+                     f"{loo_df['max |difference|'].max():.0e}."))
+
+# %%
+if core is not None:
+    hv = pd.DataFrame([{"model": e["model"], "parameters": e["p"], "gradient (ms)": 1e3 * e["hvp"]["gradient_s"],
+                        "HVP, graph rebuilt": e["hvp"]["ratio_hvp_rebuilt_over_grad"],
+                        "HVP, graph cached": e["hvp"]["ratio_hvp_cached_over_grad"],
+                        f"per vector in a block of {e['hvp']['block']}":
+                            e["hvp"]["ratio_hvp_per_vector_in_block_over_grad"]} for e in core["models"]])
+    display(Markdown("**Cost of one Hessian-vector product in units of one full-batch gradient** (the solvers "
+                     "keep the gradient graph and multiply blocks of vectors at once):"))
+    display(hv.style.format({c: "{:.2f}x" for c in hv.columns[3:]} | {"gradient (ms)": "{:.2f}"})
+            .hide(axis="index"))
+    inf = pd.DataFrame([{"model": e["model"], "method": k, "time (s)": v["time_s"],
+                         "time / exact": v["time_s"] / e["influence"]["methods"]["exact"]["time_s"],
+                         "rel. error vs exact": v["rel_error_vs_exact"], "Pearson vs exact": v["pearson_vs_exact"],
+                         "options": ", ".join(f"{a}={b}" for a, b in v["options"].items())}
+                        for e in core["models"] for k, v in e["influence"]["methods"].items()])
+    display(Markdown(f"**`il.influence` per method**: all {core['models'][0]['influence']['n_train']} training "
+                     f"points x {core['models'][0]['influence']['n_test']} test points, damping "
+                     f"{core['settings']['damping']}, weight decay {core['settings']['weight_decay']}:"))
+    display(inf.style.format({"time (s)": "{:.3f}", "time / exact": "{:.2f}x", "rel. error vs exact": "{:.1e}",
+                              "Pearson vs exact": "{:.6f}"}).hide(axis="index"))
+
+# %% [markdown]
+# ## Side by side with the anchor libraries (`compare.py`)
+
+# %%
+if compare is None:
+    display(Markdown("**`benchmarks/results/compare.json` is missing**, so there is no comparison on this build. "
+                     "It is produced by `make bench-compare` in the benchmark virtualenv (see "
+                     "`benchmarks/requirements-bench.txt`)."))
+else:
+    display(Markdown(machine_text(compare)))
+    libs = compare["libraries"]
+    display(Markdown(
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in libs["versions"].items() if v)
+        + (f"; not installed: {', '.join(libs['unavailable'])}" if libs["unavailable"] else "") + "."))
+    probs = pd.DataFrame([{"problem": e["name"], "parameters": e["p"], "training points": e["n_train"],
+                           "test points": e["n_test"], "damping": e["damping"],
+                           "lambda_min(H)": e["lambda_min"], "lambda_max(H)": e["lambda_max"]}
+                          for e in compare["problems"]])
+    display(probs.style.format({"lambda_min(H)": "{:.3g}", "lambda_max(H)": "{:.3g}"}).hide(axis="index"))
+    res = pd.DataFrame([{"problem": e["name"], **r} for e in compare["problems"] for r in e["results"]])
+    res["status"] = res["status"].where(res["status"] == "ok", res.get("error", res["status"]).astype(str).str[:60])
+
+# %% [markdown]
+# The ratio columns are `influence_lib`'s time divided by the anchor's for the same method and problem
+# (below 1: `influence_lib` is faster; 0.5 means twice as fast), next to both accuracies, since a ratio only
+# means something at comparable accuracy.
+
+# %%
+if compare is not None:
+    rat = pd.DataFrame(compare["ratios"])
+    rat["ours / anchor"] = rat.get("time_ratio_ours_over_anchor")
+    rat["anchor time (s)"] = rat["anchor_time_s"]
+    rat.loc[rat["anchor_status"] != "ok", "anchor time (s)"] = None
+    show = rat[["problem", "method", "anchor", "ours_time_s", "anchor time (s)", "ours / anchor",
+                "ours_rel_error", "anchor_rel_error", "ours_peak_mb", "anchor_peak_mb", "anchor_status"]].rename(
+        columns={"ours_time_s": "ours (s)", "ours_rel_error": "ours rel. error", "anchor_rel_error":
+                 "anchor rel. error", "ours_peak_mb": "ours peak MB", "anchor_peak_mb": "anchor peak MB",
+                 "anchor_status": "anchor status"})
+    show.loc[rat.get("note", pd.Series(index=rat.index, dtype=object)).notna(), "anchor status"] = \
+        "no counterpart in influence_lib"
+    display(show.style.format({"ours (s)": "{:.3f}", "anchor time (s)": "{:.3f}", "ours / anchor": "{:.2f}",
+                               "ours rel. error": "{:.1e}", "anchor rel. error": "{:.1e}",
+                               "ours peak MB": "{:.0f}", "anchor peak MB": "{:.0f}"}, na_rep="-")
+            .hide(axis="index"))
+    ok = rat.dropna(subset=["ours / anchor"])
+    fastest = ok.loc[ok.groupby(["problem", "method"])["anchor_time_s"].idxmin()]
+    lines = [f"- {r.problem}, {r.method}: {1 / r['ours / anchor']:.2f}x the speed of the fastest anchor "
+             f"({r.anchor})" for _, r in fastest.iterrows()]
+    display(Markdown("Against the fastest anchor that has the method (at the matched settings above):\n\n"
+                     + "\n".join(lines)))
+
+# %%
+if compare is not None:
+    plot = res[res["status"] == "ok"].copy()
+    plot["rel. error (floor 1e-16)"] = plot["rel_error"].clip(lower=1e-16)
+    g = sns.relplot(data=plot, x="time_s", y="rel. error (floor 1e-16)", hue="lib", style="method",
+                    col="problem", kind="scatter", s=90, height=3.6, aspect=0.95,
+                    facet_kws={"sharex": False, "sharey": True})
+    g.set(xscale="log", yscale="log")
+    g.set_axis_labels("wall time (s)", "relative error of the scores")
+    g.figure.suptitle("Time vs. accuracy per method and library (lower left is better)", y=1.03)
+    plt.show()
+
+# %% [markdown]
+# Leave-one-out retraining throughput on the Iris MLP (the same removed points and Adam steps; dattri's
+# `retrain_loo` calls a user-written training function once per point and saves every model to disk), and the
+# cost of one HVP relative to one gradient as each library computes it (a fresh operator per call):
+
+# %%
+if compare is not None:
+    lo = compare["loo"]
+    lo_df = pd.DataFrame([{"way": k, **v} for k, v in lo["results"].items()])
+    display(Markdown(f"{lo['n_remove']} points removed, {lo['steps']} full-batch Adam steps each, "
+                     f"lr {lo['lr']}:"))
+    display(lo_df.style.format(na_rep="-", precision=3).hide(axis="index"))
+    hc = pd.DataFrame([{"problem": e["name"], **{f"{k} HVP / gradient": v
+                                                  for k, v in e["hvp_cost"]["hvp_over_grad"].items()}}
+                       for e in compare["problems"]])
+    display(hc.style.format(na_rep="-", precision=2).hide(axis="index"))

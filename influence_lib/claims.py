@@ -1,0 +1,224 @@
+"""The paper's claims against our records: one row per claim, with the measurement and a verdict.
+
+Every function takes the records of one sweep (as written by :mod:`influence_lib.sweep` or
+:mod:`influence_lib.noise`) and returns a :class:`Claim`; :func:`claim_table` collects them for the book's
+introduction. Verdicts follow :func:`influence_lib.report.verdict`: "reproduced" when a 95% interval excludes
+zero in the paper's direction, "opposite" when it excludes zero the other way, "not resolved" otherwise.
+The accuracy of a model is the Spearman correlation between predicted and actual (LOO) loss changes over
+all removed training points, averaged over the model's examined test points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .metrics import mean_ci
+from .report import fmt_ci, slope_ci, verdict
+
+Records = Sequence[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One line of the claim table: what the paper says, what we measured, and the verdict."""
+
+    finding: str
+    paper: str
+    chapter: str
+    measured: str
+    verdict: str
+
+
+def _ok(records: Records) -> list[dict[str, Any]]:
+    return [r for r in records if "error" not in r]
+
+
+def _per_model(records: Records):
+    """One row per record: its settings and the mean Spearman (all removed points) over its test points."""
+    import pandas as pd
+
+    rows = []
+    for r in _ok(records):
+        s = r["setting"]
+        rho = [tp["all"]["spearman"] for tp in r["test_points"] if tp["all"]["spearman"] is not None]
+        rows.append({"depth": s["depth"], "width": s["width"], "weight_decay": s["weight_decay"],
+                     "seed": s["seed"], "model": s["model"], "params": s["params"],
+                     "spearman": float(np.mean(rho)) if rho else np.nan,
+                     "lambda_max": (r.get("spectrum") or {}).get("lambda_max", np.nan)})
+    return pd.DataFrame(rows)
+
+
+def _missing(finding: str, paper: str, chapter: str) -> Claim:
+    return Claim(finding, paper, chapter, "no records", "no data")
+
+
+def iris_depth(records: Records, findings: dict[str, str]) -> Claim:
+    """Slope of accuracy against depth (width fixed at its smallest value), with weight decay."""
+    f = _per_model(records)
+    if f.empty:
+        return _missing("depth", findings["depth"], "iris")
+    w0, wd = f.width.min(), f.weight_decay.max()
+    part = f[(f.width == w0) & np.isclose(f.weight_decay, wd)]
+    est, lo, hi = slope_ci(part.depth, part.spearman)
+    ends = part.groupby("depth").spearman.mean()
+    text = (f"Iris MLP (width {w0}, wd {wd:g}): Spearman {ends.iloc[0]:.2f} at depth {ends.index[0]} → "
+            f"{ends.iloc[-1]:.2f} at depth {ends.index[-1]}; slope per layer {fmt_ci(est, lo, hi, 3)}")
+    return Claim("depth", findings["depth"], "iris", text, verdict(est, lo, hi, -1))
+
+
+def iris_weight_decay(records: Records, findings: dict[str, str]) -> Claim:
+    """Mean paired difference of accuracy, with minus without weight decay (same depth, width and seed)."""
+    f = _per_model(records)
+    wds = sorted(f.weight_decay.unique()) if not f.empty else []
+    if len(wds) < 2:
+        return _missing("weight decay", findings["weight_decay"], "iris")
+    a = f.set_index(["depth", "width", "seed"])
+    on = a[np.isclose(a.weight_decay, wds[-1])].spearman
+    off = a[np.isclose(a.weight_decay, wds[0])].spearman
+    diff = (on - off).dropna()
+    est, lo, hi = mean_ci(diff) if len(diff) else (np.nan,) * 3
+    text = (f"Iris MLPs: Spearman with wd {wds[-1]:g} minus without, paired over {len(diff)} models: "
+            f"{fmt_ci(est, lo, hi, 3)}")
+    return Claim("weight decay", findings["weight_decay"], "iris", text, verdict(est, lo, hi, +1))
+
+
+def iris_width(records: Records, findings: dict[str, str]) -> Claim:
+    """Slope of accuracy against width (depth fixed at its smallest value), per weight decay."""
+    f = _per_model(records)
+    if f.empty:
+        return _missing("width", findings["width"], "iris")
+    d0 = f.depth.min()
+    parts, verdicts = [], []
+    for wd in sorted(f.weight_decay.unique()):
+        part = f[(f.depth == d0) & np.isclose(f.weight_decay, wd)]
+        est, lo, hi = slope_ci(part.width, part.spearman)
+        parts.append(f"wd {wd:g}: slope per unit width {fmt_ci(est, lo, hi, 4)}")
+        verdicts.append(verdict(est, lo, hi, 0))
+    v = "reproduced (width matters)" if "reproduced" in verdicts else verdicts[0]
+    return Claim("width", findings["width"], "iris", f"Iris MLP (depth {d0}): " + "; ".join(parts), v)
+
+
+def hessian_top_eigenvalue(records: Records, claim: str) -> Claim:
+    """Slope of log10 of the top Hessian eigenvalue against depth, with weight decay."""
+    f = _per_model(records)
+    if f.empty:
+        return _missing("Hessian", claim, "hessian")
+    w0, wd = f.width.min(), f.weight_decay.max()
+    part = f[(f.width == w0) & np.isclose(f.weight_decay, wd) & (f.lambda_max > 0)]
+    est, lo, hi = slope_ci(part.depth, np.log10(part.lambda_max))
+    text = f"Iris MLP (width {w0}, wd {wd:g}): slope of log10 λ_max per layer {fmt_ci(est, lo, hi, 3)}"
+    return Claim("Hessian", claim, "hessian", text, verdict(est, lo, hi, +1))
+
+
+def stochastic_estimation(records: Records, findings: dict[str, str], method: str = "lissa") -> Claim:
+    """Paired difference of the LOO Spearman of ``method`` and of the exact scores, over every examined point."""
+    diffs, errs = [], []
+    for r in _ok(records):
+        for tp in r["test_points"]:
+            e = tp.get("estimators", {}).get(method)
+            if e is None or e["vs_loo"]["spearman"] is None or tp["all"]["spearman"] is None:
+                continue
+            diffs.append(e["vs_loo"]["spearman"] - tp["all"]["spearman"])
+            errs.append(e["relative_error"])
+    if not diffs:
+        return _missing("stochastic estimation", findings["stochastic"], "mnist")
+    est, lo, hi = mean_ci(diffs)
+    text = (f"small-MNIST MLPs, {method} vs exact on the same models ({len(diffs)} test points): median relative "
+            f"error {np.median(errs):.2g}; change of Spearman with LOO {fmt_ci(est, lo, hi, 3)}")
+    return Claim("stochastic estimation", findings["stochastic"], "mnist", text, verdict(est, lo, hi, -1))
+
+
+def deeper_networks(records: Records, findings: dict[str, str]) -> Claim:
+    """Mean Spearman (last-layer influence) per architecture; 'reproduced' when every interval lies below 0.5."""
+    ok = [r for r in _ok(records) if r["setting"]["params"] == "last"]
+    if not ok:
+        return _missing("deeper CNNs", findings["depth"], "cnn")
+    parts, highs = [], []
+    for model in sorted({r["setting"]["model"] for r in ok}):
+        rho = [tp["all"]["spearman"] for r in ok if r["setting"]["model"] == model
+               for tp in r["test_points"] if tp["all"]["spearman"] is not None]
+        est, lo, hi = mean_ci(rho) if rho else (np.nan,) * 3
+        parts.append(f"{model} {fmt_ci(est, max(lo, -1.0), min(hi, 1.0))} ({len(rho)} test points)")
+        highs.append(hi)
+    data = sorted({r["dataset"]["name"] for r in ok})
+    text = f"{', '.join(data)}; Spearman, last-layer influence: " + "; ".join(parts)
+    if not highs or not all(np.isfinite(highs)):
+        v = "no interval (too few test points)"
+    else:
+        v = "consistent (all below 0.5)" if max(highs) < 0.5 else "not resolved (some interval reaches 0.5)"
+    return Claim("deeper CNNs", findings["depth"], "cnn", text, v)
+
+
+def test_point_dependence(records: Records, findings: dict[str, str]) -> Claim:
+    """Two-way ANOVA without replication (test point x seed) of the Spearman correlations of each model.
+
+    ``F = MS_point / MS_residual`` with ``(a - 1, (a - 1)(b - 1))`` degrees of freedom for ``a`` test points
+    and ``b`` seeds: is the test point a real source of variation beyond seed-to-seed noise? "reproduced"
+    when every model's p-value is below 0.05.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for r in _ok(records):
+        s = r["setting"]
+        for tp in r["test_points"]:
+            if tp["all"]["spearman"] is not None:
+                rows.append({"depth": s["depth"], "seed": s["seed"], "point": tp["index"],
+                             "rho": tp["all"]["spearman"]})
+    f = pd.DataFrame(rows)
+    if f.empty:
+        return _missing("test points", findings["test_points"], "test_points")
+    parts, pvals = [], []
+    for depth, g in f.groupby("depth"):
+        A = g.pivot_table(index="point", columns="seed", values="rho").dropna().to_numpy()
+        a, b = A.shape
+        span = g.groupby("seed").rho.agg(lambda v: v.max() - v.min()).mean()
+        if a < 2 or b < 2:
+            parts.append(f"depth {depth}: range {span:.2f} (one seed: no test)")
+            continue
+        grand = A.mean()
+        ss_point = b * ((A.mean(1) - grand) ** 2).sum()
+        ss_seed = a * ((A.mean(0) - grand) ** 2).sum()
+        ss_res = ((A - grand) ** 2).sum() - ss_point - ss_seed
+        F = (ss_point / (a - 1)) / max(ss_res / ((a - 1) * (b - 1)), 1e-300)
+        p = float(stats.f.sf(F, a - 1, (a - 1) * (b - 1)))
+        pvals.append(p)
+        parts.append(f"depth {depth}: range across test points {span:.2f}, F = {F:.1f}, p = {p:.2g}")
+    v = ("no test (one seed)" if not pvals else
+         "reproduced" if max(pvals) < 0.05 else "not resolved (test-point effect not significant in every model)")
+    return Claim("test points", findings["test_points"], "test_points",
+                 "small-MNIST MLPs, test point x seed ANOVA of Spearman: " + "; ".join(parts), v)
+
+
+def ground_truth_noise(records: Records, findings: dict[str, str]) -> Claim:
+    """Signal-to-noise ratio of LOO retraining (mini-batch seeds) as the training set grows."""
+    from .noise import noise_summary
+
+    pts = []
+    for r in _ok(records):
+        for row in noise_summary(r):
+            if row["noise_sd_seed"]:
+                pts.append((r["dataset"]["n_train"], row["signal_sd_seed"] / row["noise_sd_seed"]))
+    if len(pts) < 2:
+        return _missing("scale", findings["imagenet"], "ground_truth")
+    n, snr = np.array(pts).T
+    est, lo, hi = slope_ci(np.log10(n), np.log10(snr))
+    by_n = {int(k): float(np.median(snr[n == k])) for k in sorted(set(n))}
+    text = ("LOO signal/noise (sd across removals / sd across SGD seeds), median per n: "
+            + ", ".join(f"n={k}: {v:.2g}" for k, v in by_n.items())
+            + f"; log-log slope {fmt_ci(est, lo, hi)} (offline data; not ImageNet)")
+    return Claim("scale", findings["imagenet"], "ground_truth", text, verdict(est, lo, hi, -1))
+
+
+def claim_table(iris: Records, mnist: Records, cnn: Records, test_points: Records, ground_truth: Records,
+                findings: dict[str, str], hessian_claim: str) -> list[Claim]:
+    """Every claim of the paper that the book measures, in the order of the chapters."""
+    return [iris_depth(iris, findings), iris_weight_decay(iris, findings), iris_width(iris, findings),
+            hessian_top_eigenvalue(iris, hessian_claim), stochastic_estimation(mnist, findings),
+            deeper_networks(cnn, findings), test_point_dependence(test_points, findings),
+            ground_truth_noise(ground_truth, findings)]
