@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .objective import LossFn, Objective
+from .objective import HVP_BLOCK, LossFn, Objective
 from .validation import check_positive_int
 
 
@@ -30,7 +30,7 @@ class LinearOperator:
     def matvec(self, v: Tensor) -> Tensor:
         return self.matmat(v.unsqueeze(1)).squeeze(1)
 
-    def dense(self, block_size: int = 128) -> Tensor:
+    def dense(self, block_size: int = HVP_BLOCK) -> Tensor:
         """The operator as a dense ``[p, p]`` matrix, from products with blocks of unit vectors."""
         p = self.size
         M = torch.empty(p, p, dtype=self.dtype, device=self.device)
@@ -69,11 +69,11 @@ class HessianOperator(LinearOperator):
 
     The gradient graph of the data is built on the first product and kept. ``densify=True`` (default): once
     the products asked for have used as many columns as there are parameters (``p <= densify_max_size``,
-    full data only), the dense ``[p, p]`` matrix is assembled from products with unit vectors (in blocks
-    no wider than the widest block asked for so far, so memory stays as it was) and every later product is
-    a matrix multiplication. The switch at most doubles the cost of the products already made and makes
-    the remaining ones nearly free: iterative solvers that need many more than ``p`` products (CG on many
-    right-hand sides, LiSSA) then cost about one dense Hessian. The results agree to rounding error.
+    full data only), the dense ``[p, p]`` matrix is assembled from products with unit vectors (in blocks of
+    :data:`~influence_lib.objective.HVP_BLOCK` columns) and every later product is a matrix multiplication.
+    The switch at most doubles the cost of the products already made and makes the remaining ones nearly
+    free: iterative solvers that need many more than ``p`` products (CG on many right-hand sides, LiSSA) then
+    cost about one dense Hessian. The results agree to rounding error.
     """
 
     #: largest ``p`` for which the operator may switch to a dense matrix (``p^2`` floats of memory)
@@ -89,12 +89,13 @@ class HessianOperator(LinearOperator):
         self._apply: Callable[[Tensor], Tensor] | None = None
         self._dense: Tensor | None = None
         self._columns = 0  # columns multiplied by AD so far
-        self._widest = 1
 
     def _hvp(self, V: Tensor) -> Tensor:
         if self._apply is None:  # build the gradient graphs on first use and keep them
             self._apply = self.objective.hvp_operator(self.theta, self.rows)
-        return self._apply(V)
+        if V.shape[1] <= HVP_BLOCK:
+            return self._apply(V)
+        return torch.cat([self._apply(V[:, j:j + HVP_BLOCK]) for j in range(0, V.shape[1], HVP_BLOCK)], dim=1)
 
     def matmat(self, V: Tensor) -> Tensor:
         if self._dense is not None:
@@ -102,9 +103,8 @@ class HessianOperator(LinearOperator):
         out = self._hvp(V)
         if self.densify:
             self._columns += V.shape[1]
-            self._widest = max(self._widest, V.shape[1])
             if self._columns >= self.size:
-                self._dense = self._assemble(min(max(self._widest, 32), 128))
+                self._dense = self._assemble(HVP_BLOCK)
         return out
 
     def _assemble(self, block_size: int) -> Tensor:
@@ -117,15 +117,13 @@ class HessianOperator(LinearOperator):
             M[:, start:stop] = self._hvp(E)
         return (M + M.T) / 2
 
-    def dense(self, block_size: int = 128) -> Tensor:
+    def dense(self, block_size: int = HVP_BLOCK) -> Tensor:
         if self._dense is not None:
             return self._dense
-        if self.rows is None:
-            M = self.objective.hessian(self.theta, block_size)
-            if self.densify:
-                self._dense = M
-            return M
-        return super().dense(block_size)
+        M = self._assemble(block_size)  # products on the kept gradient graph (of the selected rows, if any)
+        if self.densify:
+            self._dense = M
+        return M
 
     def on_rows(self, rows: Tensor) -> HessianOperator:
         return HessianOperator(self.objective, self.theta, rows)
