@@ -307,11 +307,9 @@ def main(argv=None) -> int:
         for method in METHODS:
             libs = ["influence_lib"] + [n for n in available if method in available[n]]
             for lib in libs:
-                if lib == "influence_lib" and method == "ekfac":
-                    continue  # no counterpart (yet)
                 if lib == "influence_lib":
                     opts = {"exact": {}, "cg": {"tol": 1e-8}, "lissa": {"depth": depth, "scale": scale},
-                            "arnoldi": {"rank": 20, "iters": 60}}[method] | chunk
+                            "arnoldi": {"rank": 20, "iters": 60}, "ekfac": {}}[method] | chunk
                 else:
                     opts = {"exact": {}, "cg": {"cg_iters": cg_iters or 100, "cg_tol": 1e-8},
                             "lissa": {"lissa_depth": depth, "lissa_scale": scale, "lissa_repeats": 1},

@@ -38,8 +38,18 @@
 # is the relative (Frobenius) error and the Pearson correlation of the scores against the exact float64 scores.
 #
 # Timings on a small shared machine are noisy; the *ratios* measured side by side in one run are the numbers
-# to read. EK-FAC (an approximation of the Gauss-Newton matrix, not of the Hessian) has no counterpart in
-# `influence_lib` yet: its rows show the anchors' own numbers only.
+# to read. EK-FAC approximates the Gauss-Newton matrix (block-diagonal over layers, Kronecker eigenbasis), not the
+# Hessian, so its error against the exact Hessian scores is the approximation's, not a solver tolerance; the
+# libraries also differ in which Gauss-Newton/Fisher matrix they approximate (`influence_lib` uses the exact
+# Gauss-Newton matrix of the mean loss, weight and bias of a layer in one block), so EK-FAC rows compare time at
+# *different* accuracies. If `influence_lib` has no EK-FAC row, the results file predates it.
+#
+# **Where the CNN timings come from.** For exact, CG and LiSSA on the CNNs almost all of the time is spent in
+# Hessian-vector products through the convolutions (a profile of the exact method: nearly all of it inside the autograd
+# engine's double-backward), and every library needs about the same number of them (the dense Hessian needs one
+# per parameter). `influence_lib` multiplies blocks of 16 vectors on a gradient graph it builds once, and switches
+# an iterative solver to the dense matrix once it has spent as many products as there are parameters; beyond
+# that, a larger speed-up would need cheaper products themselves (compiled kernels, a GPU), not a different solver.
 
 # %% tags=["parameters"]
 results_dir = None  # default: benchmarks/results of the repository

@@ -22,6 +22,7 @@ from .curvature import (
     lanczos,
     spectrum_summary,
 )
+from .ekfac import EKFACSolver
 from .influence import InfluenceCalculator, influence
 from .metrics import bootstrap_ci, mean_ci, pearson, spearman, top_k
 from .objective import Objective, flat_params, set_flat_params
@@ -40,8 +41,9 @@ from .validation import NonFiniteError
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "DenseOperator", "GaussNewtonOperator", "HessianOperator", "InfluenceCalculator", "LOOResult",
-    "LinearOperator", "LissaDivergenceError", "NonFiniteError", "Objective", "SolverError", "TrainConfig",
+    "METHODS", "DenseOperator", "EKFACSolver", "GaussNewtonOperator", "HessianOperator", "InfluenceCalculator",
+    "LOOResult", "LinearOperator", "LissaDivergenceError", "NonFiniteError", "Objective", "SolverError",
+    "TrainConfig",
     "bootstrap_ci", "extreme_eigenvalues", "fit_stacked", "flat_params", "hessian", "hvp", "ihvp_arnoldi",
     "ihvp_cg", "ihvp_exact", "ihvp_lissa", "influence", "lanczos", "loo_retrain", "mean_ci", "pearson",
     "retrain_without", "set_flat_params", "spearman", "spectrum_summary", "top_k", "train_model",

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .curvature import GaussNewtonOperator, HessianOperator, LinearOperator
+from .ekfac import EKFACSolver
 from .objective import LossFn, Objective
 from .solvers import (
     METHODS,
@@ -55,7 +56,8 @@ class InfluenceCalculator:
     method:
         inverse-HVP solver, one of :data:`influence_lib.solvers.METHODS`; ``options`` go to it
         (cg: ``tol``, ``max_iter``; lissa: ``scale``, ``depth``, ``repeats``, ``batch_size``, ``seed``;
-        arnoldi: ``rank``, ``iters``, ``seed``).
+        arnoldi: ``rank``, ``iters``, ``seed``; ekfac: none — it approximates the Gauss-Newton matrix of the
+        Linear/Conv2d layers, whatever ``curvature`` says, see :mod:`influence_lib.ekfac`).
     curvature:
         ``"hessian"`` (default) or ``"gauss-newton"`` (the GGN, as in PBRF / EK-FAC).
     params:
@@ -91,7 +93,7 @@ class InfluenceCalculator:
             HessianOperator(self.objective, self.theta) if curvature == "hessian"
             else GaussNewtonOperator(self.objective, self.theta)
         )
-        self._solver: EigenSolver | ArnoldiSolver | None = None
+        self._solver: EigenSolver | ArnoldiSolver | EKFACSolver | None = None
         self.last_info: dict[str, Any] = {}
 
     @property
@@ -109,6 +111,10 @@ class InfluenceCalculator:
         elif self.method == "arnoldi":
             if self._solver is None:
                 self._solver = ArnoldiSolver(self.operator, self.damping, **self.options)
+            X, info = self._solver.solve(V), self._solver.info
+        elif self.method == "ekfac":
+            if self._solver is None:
+                self._solver = EKFACSolver(self.objective, self.theta, self.damping)
             X, info = self._solver.solve(V), self._solver.info
         elif self.method == "cg":
             X, info = ihvp_cg(self.operator, V, self.damping, **self.options)
@@ -199,7 +205,7 @@ def influence(
 
     ``(1/n) g_test^T (H + damping I)^{-1} g_i`` with ``H`` the Hessian of
     ``mean_i loss_fn(model(x_i), y_i) + (weight_decay/2)||theta||^2`` at the model's current parameters.
-    ``method`` in ``("exact", "cg", "lissa", "arnoldi")``; ``options`` go to :class:`InfluenceCalculator`
+    ``method`` in ``("exact", "cg", "lissa", "arnoldi", "ekfac")``; ``options`` go to :class:`InfluenceCalculator`
     (``curvature``, ``params``, ``chunk_size``) or the solver.
     """
     calc_keys = {"curvature", "params", "chunk_size"}

@@ -296,6 +296,7 @@ SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
     "cg": ("tol", "max_iter"),
     "lissa": ("scale", "depth", "repeats", "batch_size", "seed", "divergence_factor"),
     "arnoldi": ("rank", "iters", "seed"),
+    "ekfac": (),  # influence_lib.ekfac: Gauss-Newton curvature of Linear/Conv2d layers, no options
 }
 METHODS = tuple(SOLVER_OPTIONS)
 
