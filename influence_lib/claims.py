@@ -145,7 +145,8 @@ def deeper_networks(records: Records, findings: dict[str, str]) -> Claim:
         parts.append(f"{model} {fmt_ci(est, max(lo, -1.0), min(hi, 1.0))} ({len(rho)} test points)")
         highs.append(hi)
     data = sorted({r["dataset"]["name"] for r in ok})
-    text = f"{', '.join(data)}; Spearman, last-layer influence: " + "; ".join(parts)
+    text = (f"{', '.join(data)}; Spearman, last-layer influence: " + "; ".join(parts)
+            + " (criterion: every 95% interval below 0.5, a weak correlation)")
     if not highs or not all(np.isfinite(highs)):
         v = "no interval (too few test points)"
     else:
