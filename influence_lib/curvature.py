@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .objective import HVP_BLOCK, LossFn, Objective
+from .objective import HVP_BLOCK, LossFn, Objective, dense_from_products
 from .validation import check_positive_int
 
 
@@ -32,14 +32,8 @@ class LinearOperator:
 
     def dense(self, block_size: int = HVP_BLOCK) -> Tensor:
         """The operator as a dense ``[p, p]`` matrix, from products with blocks of unit vectors."""
-        p = self.size
-        M = torch.empty(p, p, dtype=self.dtype, device=self.device)
-        for start in range(0, p, block_size):
-            stop = min(start + block_size, p)
-            E = torch.zeros(p, stop - start, dtype=self.dtype, device=self.device)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            M[:, start:stop] = self.matmat(E)
-        return M
+        return dense_from_products(self.matmat, torch.empty(0, dtype=self.dtype, device=self.device), self.size,
+                                   block_size)
 
     def on_rows(self, rows: Tensor) -> LinearOperator:
         raise NotImplementedError(f"{type(self).__name__} has no data rows to subsample")
@@ -108,13 +102,7 @@ class HessianOperator(LinearOperator):
         return out
 
     def _assemble(self, block_size: int) -> Tensor:
-        p = self.size
-        M = torch.empty(p, p, dtype=self.dtype, device=self.device)
-        for start in range(0, p, block_size):
-            stop = min(start + block_size, p)
-            E = torch.zeros(p, stop - start, dtype=self.dtype, device=self.device)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            M[:, start:stop] = self._hvp(E)
+        M = dense_from_products(self._hvp, self.theta, self.size, block_size)
         return (M + M.T) / 2
 
     def dense(self, block_size: int = HVP_BLOCK) -> Tensor:

@@ -99,6 +99,21 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 HVP_BLOCK = 16
 
 
+def dense_from_products(apply: Callable[[Tensor], Tensor], like: Tensor, p: int, block_size: int = HVP_BLOCK) -> Tensor:
+    """The ``[p, p]`` matrix of the linear map ``apply`` (``[p, k] -> [p, k]``), from blocks of unit vectors.
+
+    ``like`` gives the dtype and device.
+    """
+    check_positive_int("block_size", block_size)
+    M = like.new_empty(p, p)
+    for start in range(0, p, block_size):
+        stop = min(start + block_size, p)
+        E = like.new_zeros(p, stop - start)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        M[:, start:stop] = apply(E)
+    return M
+
+
 @dataclass
 class Objective:
     """``J(theta)`` above, with its gradients, Hessian- and Gauss-Newton-vector products.
@@ -279,13 +294,5 @@ class Objective:
         case each block rebuilds it chunk by chunk so that memory stays that of one chunk).
         """
         block_size = HVP_BLOCK if block_size is None else block_size
-        check_positive_int("block_size", block_size)
-        p = self.p
         apply = self.hvp_operator(theta, keep_graphs=self.chunk_size is None)
-        H = theta.new_empty(p, p)
-        for start in range(0, p, block_size):
-            stop = min(start + block_size, p)
-            E = theta.new_zeros(p, stop - start)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-            H[:, start:stop] = apply(E)
-        return H
+        return dense_from_products(apply, theta, self.p, block_size)
