@@ -108,11 +108,16 @@ def expand(base: dict[str, Any], grid: dict[str, Sequence[Any]] | None = None,
     return out
 
 
-def _work(name: str, setting: dict[str, Any], root: str, threads: int) -> tuple[str, bool]:
+def _work(name: str, setting: dict[str, Any], root: str, threads: int, recompute: bool = False,
+          retry_failed: bool = False) -> tuple[str, bool]:
     import torch
 
     torch.set_num_threads(threads)
     path = record_path(name, setting, root)
+    if not recompute and path.exists():  # another sweep over the same folder may have computed it meanwhile
+        ok = "error" not in json.loads(path.read_text())
+        if ok or not retry_failed:
+            return str(path), ok
     try:
         record = json_finite(run_setting(setting))
     except Exception as e:  # recorded so that the chapter can show it; retried with retry_failed
@@ -151,13 +156,14 @@ def run_grid(
                    disable=not progress)
         if jobs <= 1 or len(todo) == 1:
             for s in todo:
-                _work(name, s, str(root), max(1, os.cpu_count() or 1) if jobs <= 1 else 1)
+                _work(name, s, str(root), max(1, os.cpu_count() or 1) if jobs <= 1 else 1, recompute, retry_failed)
                 bar.update(1)
         else:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as ex:
-                futures = [ex.submit(_work, name, s, str(root), 1) for s in todo]
+                futures = [ex.submit(_work, name, s, str(root), 1, recompute, retry_failed)
+                           for s in todo]
                 for f in as_completed(futures):
                     f.result()
                     bar.update(1)

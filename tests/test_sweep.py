@@ -107,3 +107,20 @@ def test_a_committed_record_is_reproduced_by_rerunning_its_setting():
             # records keep 8 significant digits; BLAS may differ in the last bits across machines
             np.testing.assert_allclose(a[field], b[field], rtol=1e-6, atol=1e-12)
         assert a["all"]["spearman"] == pytest.approx(b["all"]["spearman"], abs=1e-6)
+
+
+def test_a_record_written_by_a_concurrent_sweep_is_not_recomputed(tmp_path, monkeypatch):
+    """Two sweeps over one folder: a setting the other sweep finished after this one started is skipped."""
+    settings = sweep.expand(TINY, {"width": [2, 3]}, seeds=[0])
+    first = run_setting(settings[1])
+    calls = []
+
+    def fake_run(s):
+        calls.append(s)
+        if len(calls) == 1:  # while this sweep computes its first setting, "another sweep" writes the second
+            sweep.write_atomic(sweep.record_path("c", settings[1], tmp_path), first)
+        return run_setting(s)
+
+    monkeypatch.setattr(sweep, "run_setting", fake_run)
+    recs = sweep.run_grid("c", settings, root=tmp_path, jobs=1, progress=False)
+    assert calls == [settings[0]] and recs[1]["test_points"] == first["test_points"]
