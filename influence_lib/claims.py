@@ -56,18 +56,23 @@ def _missing(finding: str, paper: str, chapter: str) -> Claim:
     return Claim(finding, paper, chapter, "no records", "no data")
 
 
-def iris_depth(records: Records, findings: dict[str, str]) -> Claim:
-    """Slope of accuracy against depth (width fixed at its smallest value), with weight decay."""
+def depth_effect(records: Records, findings: dict[str, str], chapter: str = "iris", label: str = "Iris MLP") -> Claim:
+    """Slope of accuracy against depth, at the width with the most depths and the largest weight decay."""
     f = _per_model(records)
     if f.empty:
-        return _missing("depth", findings["depth"], "iris")
-    w0, wd = f.width.min(), f.weight_decay.max()
+        return _missing("depth", findings["depth"], chapter)
+    w0, wd = f.groupby("width").depth.nunique().idxmax(), f.weight_decay.max()
     part = f[(f.width == w0) & np.isclose(f.weight_decay, wd)]
     est, lo, hi = slope_ci(part.depth, part.spearman)
     ends = part.groupby("depth").spearman.mean()
-    text = (f"Iris MLP (width {w0}, wd {wd:g}): Spearman {ends.iloc[0]:.2f} at depth {ends.index[0]} → "
+    text = (f"{label} (width {w0}, wd {wd:g}): Spearman {ends.iloc[0]:.2f} at depth {ends.index[0]} → "
             f"{ends.iloc[-1]:.2f} at depth {ends.index[-1]}; slope per layer {fmt_ci(est, lo, hi, 3)}")
-    return Claim("depth", findings["depth"], "iris", text, verdict(est, lo, hi, -1))
+    return Claim("depth", findings["depth"], chapter, text, verdict(est, lo, hi, -1))
+
+
+def iris_depth(records: Records, findings: dict[str, str]) -> Claim:
+    """The depth effect on the Iris records."""
+    return depth_effect(records, findings, "iris", "Iris MLP")
 
 
 def iris_weight_decay(records: Records, findings: dict[str, str]) -> Claim:
@@ -219,7 +224,8 @@ def ground_truth_noise(records: Records, findings: dict[str, str]) -> Claim:
 def claim_table(iris: Records, mnist: Records, cnn: Records, test_points: Records, ground_truth: Records,
                 findings: dict[str, str], hessian_claim: str) -> list[Claim]:
     """Every claim of the paper that the book measures, in the order of the chapters."""
-    return [iris_depth(iris, findings), iris_weight_decay(iris, findings), iris_width(iris, findings),
+    return [iris_depth(iris, findings), depth_effect(mnist, findings, "mnist", "small-MNIST MLP"),
+            iris_weight_decay(iris, findings), iris_width(iris, findings),
             hessian_top_eigenvalue(iris, hessian_claim), stochastic_estimation(mnist, findings),
             deeper_networks(cnn, findings), test_point_dependence(test_points, findings),
             ground_truth_noise(ground_truth, findings)]
