@@ -23,10 +23,11 @@
 # recorded setting reproduces its numbers: training, influence and retraining are seeded and deterministic on
 # the CPU.
 #
-# **Compute.** The table below is read from the records themselves: the single-threaded compute time of the
-# default settings of each chapter on the machine that produced them. Sweeps run one setting per core
-# (`--jobs`, default: all cores), so the wall time of a full recomputation is roughly the total divided by the
-# number of cores.
+# **Compute.** The table below is read from the records themselves: the time each record of the default
+# settings took on the machine that produced it (wall time of that record's own computation). Records computed
+# while other jobs shared the cores took longer than they would alone (some of the Iris, MNIST and CNN records
+# were computed five at a time on two cores), so these totals are upper bounds. Sweeps run one setting per core
+# (`--jobs`, default: all cores), so a full recomputation takes roughly the total divided by the number of cores.
 
 # %% tags=["parameters"]
 profile = None  # None: the IL_PROFILE environment variable (default | quick)
@@ -48,15 +49,15 @@ for name, chapter in CHAPTERS.items():
         rows.append({"sweep": name, "chapter(s)": chapter, "records": 0})
         continue
     t = [r["timings"]["total"] for r in recs]
-    rows.append({"sweep": name, "chapter(s)": chapter, "records": len(recs), "CPU minutes": sum(t) / 60,
+    rows.append({"sweep": name, "chapter(s)": chapter, "records": len(recs), "minutes": sum(t) / 60,
                  "median s / record": pd.Series(t).median(), "longest s": max(t),
                  "machine": recs[0]["versions"]["machine"], "torch": recs[0]["versions"]["torch"]})
 table = pd.DataFrame(rows)
-display(table.style.format({"CPU minutes": "{:.1f}", "median s / record": "{:.1f}", "longest s": "{:.0f}"},
+display(table.style.format({"minutes": "{:.1f}", "median s / record": "{:.1f}", "longest s": "{:.0f}"},
                            na_rep="–").hide(axis="index"))
-total = table["CPU minutes"].sum()
-display(Markdown(f"Total: **{total:.0f} CPU-minutes**, i.e. about **{total / 2:.0f} minutes** of wall time on a "
-                 f"2-core machine with `--jobs 2` (profile `{prof}`)."))
+total = table["minutes"].sum()
+display(Markdown(f"Total: **{total:.0f} minutes** of recorded time, i.e. at most about **{total / 2:.0f} minutes** "
+                 f"on a 2-core machine with `--jobs 2` (profile `{prof}`)."))
 
 # %% [markdown]
 # **Changing a setting.** Every chapter has a `parameters` cell (profile, seeds, `overrides` of any setting in
