@@ -206,10 +206,16 @@ for key in ("with_weight_decay", "without_weight_decay"):
         row = {"weight decay": entry["weight_decay"], "depth": d, "seeds": str(len(ours)),
                f"ours |ρ|, top {k} train loss": "not computed in this profile", f"ours signed ρ, top {k}": "",
                "ours |ρ|, all points": ""}
+        defined = ours[col].dropna()  # undefined where a collapsed model gives equal changes
         if len(ours):
-            ref_ours[(entry["weight_decay"], d)] = (mean_ci(ours[col].abs().dropna())[0], refval)
-            row[f"ours |ρ|, top {k} train loss"] = fmt_ci(*mean_ci(ours[col].abs().dropna()))
-            row[f"ours signed ρ, top {k}"] = fmt_ci(*mean_ci(ours[col].dropna()))
+            row["seeds"] = f"{len(ours)} ({len(defined)} with a defined top-{k} correlation)"
+        if len(defined):
+            ref_ours[(entry["weight_decay"], d)] = (mean_ci(defined.abs())[0], refval)
+            row[f"ours |ρ|, top {k} train loss"] = fmt_ci(*mean_ci(defined.abs()))
+            row[f"ours signed ρ, top {k}"] = fmt_ci(*mean_ci(defined))
+        elif len(ours):
+            row[f"ours |ρ|, top {k} train loss"] = "undefined for every seed (collapsed models: equal changes within the top k)"
+        if ours["spearman_all"].notna().any():
             row["ours |ρ|, all points"] = fmt_ci(*mean_ci(ours["spearman_all"].abs().dropna()))
         row[f"reference |ρ| ({ref['source']})"] = refval
         row["reference note"] = "approximately, at all depths" if "all_depths_approx" in entry else ""
