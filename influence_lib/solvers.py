@@ -45,6 +45,19 @@ def _check_size(op: LinearOperator, V: Tensor) -> None:
         raise ValueError(f"V: expected {op.size} rows (the number of parameters), got {V.shape[0]}")
 
 
+def symmetric_eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``, falling back to LAPACK's relatively robust representations (``dsyevr``, SciPy) where
+    the divide-and-conquer driver fails to converge (seen on float64 Hessians of ReLU networks with many exactly
+    repeated zero eigenvalues from dead units)."""
+    try:
+        return torch.linalg.eigh(A)
+    except torch.linalg.LinAlgError:
+        import scipy.linalg
+
+        w, v = scipy.linalg.eigh(A.detach().cpu().numpy(), driver="evr")
+        return torch.from_numpy(w).to(A), torch.from_numpy(v).to(A)
+
+
 class EigenSolver:
     """Exact solves from one eigendecomposition ``A = Q diag(e) Q^T`` (reused across right-hand sides)."""
 
@@ -54,7 +67,7 @@ class EigenSolver:
         sym_err = (A64 - A64.T).abs().max()
         if sym_err > 1e-6 * A64.abs().max().clamp_min(1e-300):
             raise ValueError(f"A must be symmetric; max |A - A^T| = {float(sym_err):.3g}")
-        self.evals, self.evecs = torch.linalg.eigh(A64)
+        self.evals, self.evecs = symmetric_eigh(A64)
         self.damping = damping
         shifted = self.evals + damping
         smallest = shifted.abs().min()

@@ -135,3 +135,22 @@ def test_solvers_reject_bad_input(convex_problem):
         il.ihvp_arnoldi(op, rhs(H.shape[0]), 0.1, rank=10, iters=5)
     with pytest.raises(il.SolverError, match="max_iter"):
         il.ihvp_cg(op, rhs(H.shape[0]), 0.0, tol=1e-14, max_iter=2)
+
+
+def test_eigh_falls_back_when_divide_and_conquer_fails(monkeypatch):
+    """torch's eigh fails to converge on some ReLU Hessians (many repeated zero eigenvalues): the exact solver
+    then uses LAPACK's dsyevr and still returns the exact solve."""
+    from influence_lib.solvers import EigenSolver
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A = B @ B.T + torch.eye(6, dtype=torch.float64)
+    V = torch.randn(6, 2, generator=g, dtype=torch.float64)
+
+    def broken(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    X = EigenSolver(A, damping=0.1).solve(V)
+    monkeypatch.undo()
+    torch.testing.assert_close(X, torch.linalg.solve(A + 0.1 * torch.eye(6, dtype=torch.float64), V))
