@@ -104,17 +104,23 @@ def iris_problem(depth: int, width: int, seed: int = 0):
     return model, (ds.X_train, ds.y_train), (ds.X_test, ds.y_test)
 
 
+def adam_fit(model, X, y, *, wd, lr, steps):
+    """A copy of ``model`` trained full-batch with ``torch.optim.Adam`` on mean cross-entropy + (wd/2)||theta||^2."""
+    m = copy.deepcopy(model)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(m(X), y) + 0.5 * wd * sum((p * p).sum() for p in m.parameters())
+        loss.backward()
+        opt.step()
+    return m
+
+
 def sequential_loo(model, X, y, Xt, yt, remove, *, wd, lr, steps):
     """What a user writes by hand: copy the model, drop the point, train with torch.optim.Adam, measure."""
 
     def fit(Xs, ys):
-        m = copy.deepcopy(model)
-        opt = torch.optim.Adam(m.parameters(), lr=lr)
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = F.cross_entropy(m(Xs), ys) + 0.5 * wd * sum((p * p).sum() for p in m.parameters())
-            loss.backward()
-            opt.step()
+        m = adam_fit(model, Xs, ys, wd=wd, lr=lr, steps=steps)
         with torch.no_grad():
             return F.cross_entropy(m(Xt), yt, reduction="none")
 

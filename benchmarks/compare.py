@@ -47,7 +47,7 @@ from influence_lib.data import load_dataset  # noqa: E402
 from influence_lib.models import count_params, mlp, small_cnn  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from bench_core import atomic_write_json, machine_info, sequential_loo  # noqa: E402
+from bench_core import adam_fit, atomic_write_json, machine_info, sequential_loo  # noqa: E402
 
 WD = 5e-3
 METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
@@ -197,19 +197,11 @@ def loo_run(job, lib, model, train, test, adapter, out):
                                       progress=False)
     if lib == "plain-loop":
         return lambda: sequential_loo(model, *train, *test, idx, wd=WD, lr=lr, steps=steps)
-    import copy
 
     def train_func(loader, seed=None):
-        m = copy.deepcopy(model)
         x = torch.cat([b[0] for b in loader])
         y = torch.cat([b[1] for b in loader])
-        opt = torch.optim.Adam(m.parameters(), lr=lr)
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = F.cross_entropy(m(x), y) + 0.5 * WD * sum((p * p).sum() for p in m.parameters())
-            loss.backward()
-            opt.step()
-        return m
+        return adam_fit(model, x, y, wd=WD, lr=lr, steps=steps)
 
     return lambda: adapter.loo_retrain(train_func, F.cross_entropy, train, test, model, indices=idx).T
 
