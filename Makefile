@@ -7,7 +7,7 @@ PROFILE ?= default
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup test lint book book-quick book-recompute bench bench-compare demo clean
+.PHONY: setup test lint book book-quick book-recompute bench bench-probes bench-compare demo clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ book-recompute: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+
+## bench-probes: profile of the HVP-based methods and the speed-ups tried (benchmarks/results/probes.json)
+bench-probes: $(STAMP)
+	$(PY) benchmarks/speed_probes.py
 
 ## bench-compare: influence_lib against dattri, curvlinops, kronfluence (own virtualenv, BENCH_VENV)
 BENCH_VENV ?= .venv-bench

@@ -34,8 +34,10 @@
 # a fresh process (after an untimed warm-up on a few points, which absorbs one-off import costs), which reports
 # the wall time of the whole call and its peak memory (growth of the process's maximum resident set). Settings
 # are matched per method: the same LiSSA depth and scale, the same Arnoldi rank and number of Krylov steps,
-# and the anchors' CG gets the number of iterations `influence_lib`'s CG needed to meet its tolerance. Accuracy
-# is the relative (Frobenius) error and the Pearson correlation of the scores against the exact float64 scores.
+# and the anchors' CG runs the number of steps that standard CG (one Krylov space per test point) needs to reach
+# relative residual 1e-8 on the same system; `influence_lib` runs block CG (one Krylov space shared by all test
+# points, see below) and stops on its own true residual 1e-8. Accuracy is the relative (Frobenius) error and the
+# Pearson correlation of the scores against the exact float64 scores.
 #
 # Timings on a small shared machine are noisy; the *ratios* measured side by side in one run are the numbers
 # to read. EK-FAC approximates the Gauss-Newton matrix (block-diagonal over layers, Kronecker eigenbasis), not the
@@ -45,11 +47,13 @@
 # *different* accuracies. If `influence_lib` has no EK-FAC row, the results file predates it.
 #
 # **Where the CNN timings come from.** For exact, CG and LiSSA on the CNNs almost all of the time is spent in
-# Hessian-vector products through the convolutions (a profile of the exact method: nearly all of it inside the autograd
-# engine's double-backward), and every library needs about the same number of them (the dense Hessian needs one
-# per parameter). `influence_lib` multiplies blocks of 16 vectors on a gradient graph it builds once, and switches
-# an iterative solver to the dense matrix once it has spent as many products as there are parameters; beyond
-# that, a larger speed-up would need cheaper products themselves (compiled kernels, a GPU), not a different solver.
+# Hessian-vector products through the convolutions (the profile at the end of this page), so the speed of these
+# methods is the number of products times their cost. `influence_lib` cuts the number where the mathematics
+# allows it without changing the answer: CG runs as block CG, LiSSA with full-batch products assembles the
+# dense Hessian first when its known number of products exceeds the number of parameters, and any iterative
+# solver switches to the dense matrix once it has spent as many products as there are parameters. It lowers
+# their cost by multiplying blocks of vectors on a gradient graph built once. The last section lists what else
+# was measured and why it was not adopted.
 
 # %% tags=["parameters"]
 results_dir = None  # default: benchmarks/results of the repository
@@ -73,7 +77,7 @@ def load(name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-core, compare = load("core.json"), load("compare.json")
+core, compare, probes = load("core.json"), load("compare.json"), load("probes.json")
 
 
 def machine_text(rec):
@@ -216,3 +220,96 @@ if compare is not None:
                                                   for k, v in e["hvp_cost"]["hvp_over_grad"].items()}}
                        for e in compare["problems"]])
     display(hc.style.format(na_rep="-", precision=2).hide(axis="index"))
+
+# %% [markdown]
+# ## What the products cost, and what was tried (`speed_probes.py`)
+#
+# `benchmarks/speed_probes.py` (`make bench-probes`, main virtualenv) records, on the comparison's trained models
+# and the small-MNIST MLP of the {doc}`mnist` chapter, (1) a profile of one block of 16 Hessian-vector products:
+# the share of CPU time in convolution kernels and in the per-sample loop (`select`/`stack`/`cat`) that `vmap`
+# falls back to for the double-backward of a convolution; (2) three ways to assemble the dense Hessian, timed
+# interleaved in one process; (3) the number of CG steps to relative residual 1e-8 for the test gradients —
+# standard CG, block CG, and CG preconditioned with EK-FAC; (4) `torch.compile` of the product.
+
+# %%
+if probes is None:
+    display(Markdown("**`benchmarks/results/probes.json` is missing**: run `make bench-probes` to create it."))
+else:
+    display(Markdown(machine_text(probes)))
+    prof_df = pd.DataFrame([{"problem": e["name"], "parameters": e["p"],
+                             "ms per block of 16": e["profile"]["self_cpu_ms_per_block"],
+                             "convolution kernels": e["profile"]["share_convolution_kernels"],
+                             "vmap fallback loop": e["profile"]["share_vmap_fallback_ops"],
+                             "other": e["profile"]["share_other"],
+                             "largest op": e["profile"]["top_ops"][0]["op"]} for e in probes["problems"]])
+    display(Markdown("**Profile of 16 products on the kept gradient graph** (share of self CPU time):"))
+    display(prof_df.style.format({"ms per block of 16": "{:.1f}", "convolution kernels": "{:.0%}",
+                                  "vmap fallback loop": "{:.0%}", "other": "{:.0%}"}).hide(axis="index"))
+    dense_rows = []
+    for e in probes["problems"]:
+        base = e["dense_hessian"]["reverse-over-reverse, blocks of 16 (influence_lib)"]["median_s"]
+        for way, v in e["dense_hessian"].items():
+            dense_rows.append({"problem": e["name"], "way": way, "time (s)": v["median_s"],
+                               "time / influence_lib's way": v["median_s"] / base,
+                               "max |difference|": v["max_abs_diff"]})
+    dense_df = pd.DataFrame(dense_rows)
+    display(Markdown("**Assembling the dense Hessian** (median of interleaved repeats):"))
+    display(dense_df.style.format({"time (s)": "{:.3f}", "time / influence_lib's way": "{:.2f}",
+                                   "max |difference|": "{:.0e}"}).hide(axis="index"))
+    cg_df = pd.DataFrame([{"problem": e["name"], "right-hand sides": e["cg_steps"]["right_hand_sides"],
+                           "damping": e["cg_steps"]["damping"],
+                           "standard CG steps": e["cg_steps"]["standard"]["steps"],
+                           "standard CG products": e["cg_steps"]["standard"]["products"],
+                           "block CG steps": e["cg_steps"]["block"]["steps"],
+                           "block CG products": e["cg_steps"]["block"]["products"],
+                           "EK-FAC-preconditioned CG steps": e["cg_steps"]["ekfac_preconditioned"].get("steps")}
+                          for e in probes["problems"]])
+    display(Markdown("**CG steps to relative residual 1e-8** (products include the final true-residual checks):"))
+    display(cg_df.style.format(na_rep="-").hide(axis="index"))
+    comp = [e["compile"] | {"problem": e["name"]} for e in probes["problems"] if "compile" in e]
+    if comp:
+        c = comp[0]
+        display(Markdown(
+            f"**`torch.compile`** of the forward-over-reverse product ({c['problem']}, blocks of {c['block']}): "
+            f"{c['compile_s']:.0f} s to compile, then {c['compiled_ms_per_product']:.2f} ms per product against "
+            f"{c['eager_ms_per_product']:.2f} ms eager (max difference {c['max_abs_diff']:.0e})."))
+
+# %%
+if probes is not None:
+    def ratio_of(name, way):
+        e = next(e for e in probes["problems"] if e["name"] == name)
+        d = e["dense_hessian"]
+        return d[way]["median_s"] / d["reverse-over-reverse, blocks of 16 (influence_lib)"]["median_s"]
+
+    rep = "replicated parameters (8), reverse-over-reverse"
+    fwd = "forward-over-reverse, vmap over 16"
+    names = [e["name"] for e in probes["problems"]]
+    cnn = [n for n in names if "cnn" in n]
+    mlps = [n for n in names if "mlp" in n]
+    cgs = {e["name"]: e["cg_steps"] for e in probes["problems"]}
+    fewer = [cgs[n]["standard"]["steps"] / cgs[n]["block"]["steps"] for n in cnn]
+    ek = [cgs[n]["ekfac_preconditioned"].get("steps", float("nan")) / cgs[n]["standard"]["steps"] for n in cnn]
+    lines = [
+        f"- **Block CG** needs {min(fewer):.1f}-{max(fewer):.1f}x fewer steps than standard CG on the CNNs, with the "
+        "same number of products per step: it is `influence_lib`'s CG.",
+        f"- **EK-FAC as a preconditioner** needs {min(ek):.2f}-{max(ek):.2f}x the steps of standard CG on the "
+        "CNNs: it approximates the Gauss-Newton matrix, and on these small models it does not capture the part of "
+        "the damped Hessian that slows CG down. Not adopted.",
+        f"- **Replicated parameters** assemble the dense Hessian in {min(ratio_of(n, rep) for n in cnn):.2f}-"
+        f"{max(ratio_of(n, rep) for n in cnn):.2f}x the time on the CNNs but "
+        f"{min(ratio_of(n, rep) for n in mlps):.2f}-{max(ratio_of(n, rep) for n in mlps):.2f}x on the MLPs; "
+        f"**forward-over-reverse**: {min(ratio_of(n, fwd) for n in cnn):.2f}-{max(ratio_of(n, fwd) for n in cnn):.2f}x"
+        f" on the CNNs, {min(ratio_of(n, fwd) for n in mlps):.2f}-{max(ratio_of(n, fwd) for n in mlps):.2f}x on the "
+        "MLPs. Neither wins everywhere, so the library keeps one way (a per-architecture choice is possible).",
+    ]
+    if comp:
+        c = comp[0]
+        saved_s = (c["eager_ms_per_product"] - c["compiled_ms_per_product"]) / 1e3
+        pays = (f"it pays off after about {c['compile_s'] / saved_s:,.0f} products, far more than the dense Hessian "
+                f"of this model needs ({next(e['p'] for e in probes['problems'] if e['name'] == c['problem'])})"
+                if saved_s > 0 else "so it never pays off")
+        lines.append(f"- **`torch.compile`** costs {c['compile_s']:.0f} s of (cold) compilation, more than an "
+                     f"entire influence computation on these models; the compiled product then takes "
+                     f"{c['compiled_ms_per_product'] / c['eager_ms_per_product']:.2f}x the eager time, so {pays}. "
+                     "Not adopted on CPU.")
+    display(Markdown("\n".join(lines)))

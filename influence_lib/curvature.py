@@ -38,6 +38,9 @@ class LinearOperator:
     def on_rows(self, rows: Tensor) -> LinearOperator:
         raise NotImplementedError(f"{type(self).__name__} has no data rows to subsample")
 
+    def reserve(self, columns: int) -> None:
+        """A solver announces about ``columns`` further products; an operator may switch to a cheaper form."""
+
     @property
     def n_rows(self) -> int | None:
         return None
@@ -67,7 +70,9 @@ class HessianOperator(LinearOperator):
     :data:`~influence_lib.objective.HVP_BLOCK` columns) and every later product is a matrix multiplication.
     The switch at most doubles the cost of the products already made and makes the remaining ones nearly
     free: iterative solvers that need many more than ``p`` products (CG on many right-hand sides, LiSSA) then
-    cost about one dense Hessian. The results agree to rounding error.
+    cost about one dense Hessian. A solver that knows its number of products in advance (full-batch LiSSA)
+    announces it with :meth:`reserve`, and the matrix is assembled first when that is cheaper. The results
+    agree to rounding error.
     """
 
     #: largest ``p`` for which the operator may switch to a dense matrix (``p^2`` floats of memory)
@@ -100,6 +105,11 @@ class HessianOperator(LinearOperator):
             if self._columns >= self.size:
                 self._dense = self._assemble(HVP_BLOCK)
         return out
+
+    def reserve(self, columns: int) -> None:
+        """Assemble the dense matrix now if ``columns`` announced products would cost at least as much."""
+        if self.densify and self._dense is None and columns >= self.size:
+            self._dense = self._assemble(HVP_BLOCK)
 
     def _assemble(self, block_size: int) -> Tensor:
         M = dense_from_products(self._hvp, self.theta, self.size, block_size)

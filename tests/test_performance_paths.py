@@ -29,6 +29,24 @@ def test_operator_densifies_after_p_columns_with_the_same_products():
     assert torch.allclose(fast.matvec(V[:, 0]), H @ V[:, 0], rtol=1e-12, atol=1e-13)
 
 
+def test_full_batch_lissa_assembles_the_matrix_first_only_when_that_is_cheaper(monkeypatch):
+    _, _, obj = _objective()
+    damping = max(0.0, -float(torch.linalg.eigvalsh(obj.hessian(obj.theta()))[0])) + 0.1
+    V = torch.randn(obj.p, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for depth, dense_first in [(obj.p, True), (obj.p // 2 - 1, False)]:  # depth * 2 columns vs p
+        op = il.HessianOperator(obj)
+        seen = []
+        real = op._hvp
+        monkeypatch.setattr(op, "_hvp", lambda W, real=real, seen=seen: seen.append(W.shape[1]) or real(W))
+        a, _ = il.ihvp_lissa(op, V, damping, depth=depth, scale=20.0)
+        b, _ = il.ihvp_lissa(il.HessianOperator(obj, densify=False), V, damping, depth=depth, scale=20.0)
+        assert float((a - b).norm() / b.norm()) < 1e-10
+        assert sum(seen) == (obj.p if dense_first else 2 * depth)  # unit vectors only, or products only
+    sub = il.HessianOperator(obj).on_rows(torch.arange(10))
+    il.ihvp_lissa(sub, V, damping, depth=obj.p, scale=20.0)  # a subset's Hessian is never densified
+    assert sub._dense is None
+
+
 def test_operator_never_densifies_on_row_subsets_or_large_p():
     _, _, obj = _objective()
     sub = il.HessianOperator(obj).on_rows(torch.arange(10))

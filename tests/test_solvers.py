@@ -49,16 +49,40 @@ def test_exact_without_damping_on_an_indefinite_hessian(nonconvex_problem):
     assert rel_err(X, dense_solve(H, V, 0.0)) < 1e-8
 
 
-def test_cg(problem):
+@pytest.mark.parametrize("block", [True, False])
+def test_cg(problem, block):
     op, H, damping = problem
     V = rhs(op.size)
-    X, info = il.ihvp_cg(op, V, damping, tol=1e-10)
+    X, info = il.ihvp_cg(op, V, damping, tol=1e-10, block=block)
     assert rel_err(X, dense_solve(H, V, damping)) < 1e-7
     assert max(info["residual"]) <= 1e-10
     assert all(0 < it <= 10 * op.size for it in info["iterations"])
     # a single column gives the same answer as inside a block
-    x0, _ = il.ihvp_cg(op, V[:, 0], damping, tol=1e-10)
+    x0, _ = il.ihvp_cg(op, V[:, 0], damping, tol=1e-10, block=block)
     torch.testing.assert_close(x0, X[:, 0], rtol=1e-7, atol=1e-10)
+
+
+def test_block_cg_needs_no_more_steps_than_independent_cg(problem):
+    """Each column's block Krylov space contains its own Krylov space, so block CG cannot need more steps."""
+    op, H, damping = problem
+    V = rhs(op.size, k=6, seed=1)
+    Xb, ib = il.ihvp_cg(op, V, damping, tol=1e-10)
+    Xc, ic = il.ihvp_cg(op, V, damping, tol=1e-10, block=False)
+    assert max(ib["iterations"]) < max(ic["iterations"])
+    assert ib["products"] < ic["products"]
+    torch.testing.assert_close(Xb, Xc, rtol=1e-7, atol=1e-9)
+
+
+def test_block_cg_deflates_dependent_and_zero_columns(problem):
+    op, H, damping = problem
+    v, w = rhs(op.size, k=2, seed=2).unbind(1)
+    V = torch.stack([v, 2 * v, torch.zeros_like(v), w, v - w], dim=1)  # rank 2
+    X, info = il.ihvp_cg(op, V, damping, tol=1e-10)
+    assert rel_err(X, dense_solve(H, V, damping)) < 1e-7
+    assert torch.equal(X[:, 2], torch.zeros_like(v)) and info["iterations"][2] == 0
+    ref, ref_info = il.ihvp_cg(op, V[:, [0, 3]], damping, tol=1e-10)
+    # two search directions per step, as for the two independent columns alone (+ the 2 extra residual checks)
+    assert info["products"] <= ref_info["products"] + 2 + 2 * 2
 
 
 def test_lissa_full_batch_converges_to_exact(problem):
@@ -111,13 +135,14 @@ def test_arnoldi_full_rank_is_exact_and_low_rank_is_a_projection(problem):
     assert len(info["eigenvalues"]) == r
 
 
-def test_cg_reports_non_positive_curvature(nonconvex_problem):
+@pytest.mark.parametrize("block", [True, False])
+def test_cg_reports_non_positive_curvature(nonconvex_problem, block):
     model, (X, y), H, evals = nonconvex_problem
     op = il.DenseOperator(H)
     # a right-hand side along the most negative eigenvector meets negative curvature at once
     v = torch.linalg.eigh(H)[1][:, 0]
     with pytest.raises(il.SolverError, match="damping"):
-        il.ihvp_cg(op, v, 0.0)
+        il.ihvp_cg(op, v, 0.0, block=block)
 
 
 def test_solvers_reject_bad_input(convex_problem):
@@ -135,6 +160,10 @@ def test_solvers_reject_bad_input(convex_problem):
         il.ihvp_arnoldi(op, rhs(H.shape[0]), 0.1, rank=10, iters=5)
     with pytest.raises(il.SolverError, match="max_iter"):
         il.ihvp_cg(op, rhs(H.shape[0]), 0.0, tol=1e-14, max_iter=2)
+    with pytest.raises(il.SolverError, match="max_iter"):
+        il.ihvp_cg(op, rhs(H.shape[0]), 0.0, tol=1e-14, max_iter=2, block=False)
+    with pytest.raises(ValueError, match="x0"):
+        il.ihvp_cg(op, rhs(H.shape[0]), 0.1, x0=rhs(H.shape[0], k=1))
 
 
 def test_eigh_falls_back_when_divide_and_conquer_fails(monkeypatch):
