@@ -186,17 +186,18 @@ def _orth(Z: Tensor, floor: float) -> Tensor:
     go down to ``tol`` keeps its own direction. (A plain QR would not do: a dropped column's noise direction
     would still be projected out of the columns after it.)
     """
-    kept: list[Tensor] = []
+    Q = torch.empty_like(Z)
+    m = 0
     for j in range(Z.shape[1]):
         z = Z[:, j]
-        if kept:
-            Q = torch.stack(kept, dim=1)
-            z = z - Q @ (Q.T @ z)
-            z = z - Q @ (Q.T @ z)
+        if m:
+            z = z - Q[:, :m] @ (Q[:, :m].T @ z)
+            z = z - Q[:, :m] @ (Q[:, :m].T @ z)
         nz = z.norm()
         if nz > floor:
-            kept.append(z / nz)
-    return torch.stack(kept, dim=1) if kept else Z[:, :0]
+            Q[:, m] = z / nz
+            m += 1
+    return Q[:, :m]
 
 
 def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
