@@ -191,6 +191,17 @@ if compare is not None:
              f"({r.anchor})" for _, r in fastest.iterrows()]
     display(Markdown("Against the fastest anchor that has the method (at the matched settings above):\n\n"
                      + "\n".join(lines)))
+    same_matrix = fastest[fastest["method"] != "ekfac"]
+    short = same_matrix[same_matrix["ours / anchor"] > 0.5]
+    display(Markdown(
+        f"At equal accuracy (every method but EK-FAC, whose libraries approximate different matrices), "
+        f"`influence_lib` is at least twice as fast as the fastest anchor in {len(same_matrix) - len(short)} of "
+        f"{len(same_matrix)} cases" + (": short of that in " + "; ".join(
+            f"{r.problem} {r.method} ({1 / r['ours / anchor']:.2f}x)" for _, r in short.iterrows())
+            + ". These are the cases in which the number of Hessian-vector products is fixed by the method itself "
+            "(one per parameter for the dense Hessian; depth x test points for LiSSA) and each product is bound by "
+            "the convolution kernels (profile below), so the remaining margin is the cost per product."
+            if len(short) else ".")))
 
 # %%
 if compare is not None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .objective import HVP_BLOCK, LossFn, Objective, dense_from_products
+from .objective import HVP_BLOCK, ONE_BLOCK_MAX_P, LossFn, Objective, dense_from_products
 from .validation import check_positive_int
 
 
@@ -92,9 +92,10 @@ class HessianOperator(LinearOperator):
     def _hvp(self, V: Tensor) -> Tensor:
         if self._apply is None:  # build the gradient graphs on first use and keep them
             self._apply = self.objective.hvp_operator(self.theta, self.rows)
-        if V.shape[1] <= HVP_BLOCK:
+        block = self.size if self.size <= ONE_BLOCK_MAX_P else HVP_BLOCK
+        if V.shape[1] <= block:
             return self._apply(V)
-        return torch.cat([self._apply(V[:, j:j + HVP_BLOCK]) for j in range(0, V.shape[1], HVP_BLOCK)], dim=1)
+        return torch.cat([self._apply(V[:, j:j + block]) for j in range(0, V.shape[1], block)], dim=1)
 
     def matmat(self, V: Tensor) -> Tensor:
         if self._dense is not None:

@@ -97,14 +97,19 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 #: beyond (vmapped convolution backward passes move ever larger intermediates): on the small-MNIST CNNs of
 #: ``benchmarks/compare.py`` blocks of 4-16 were 1.6x faster than blocks of 64 and 2.5x faster than 128.
 HVP_BLOCK = 16
+#: Up to this many parameters the dense matrix is assembled in one block: for such tiny models the fixed cost of
+#: each backward call dominates (Iris MLP, p = 43: one block of 43 columns took 0.65x the time of three of 16).
+ONE_BLOCK_MAX_P = 64
 
 
 def dense_from_products(apply: Callable[[Tensor], Tensor], like: Tensor, p: int, block_size: int = HVP_BLOCK) -> Tensor:
     """The ``[p, p]`` matrix of the linear map ``apply`` (``[p, k] -> [p, k]``), from blocks of unit vectors.
 
-    ``like`` gives the dtype and device.
+    ``like`` gives the dtype and device. Models with at most :data:`ONE_BLOCK_MAX_P` parameters use one block.
     """
     check_positive_int("block_size", block_size)
+    if p <= ONE_BLOCK_MAX_P:
+        block_size = max(block_size, p)
     M = like.new_empty(p, p)
     for start in range(0, p, block_size):
         stop = min(start + block_size, p)
