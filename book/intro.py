@@ -83,6 +83,25 @@ display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(sweep.REPO
                  + report.provenance(records("iris"))))
 
 # %% [markdown]
+# ## Beyond the paper
+#
+# Two later papers changed what "accurate influence" means, and the last part of the book measures both on the
+# same kind of models. {cite}`bae2022` argue that influence functions in deep learning do not estimate
+# leave-one-out retraining at all but a different, well-defined quantity, the proximal Bregman response function
+# (PBRF); {cite}`park2023` judge attributions by how well their *sums* predict retraining on random subsets (the
+# linear datamodeling score, LDS), not by single removals.
+
+# %% tags=["hide-input"]
+beyond = ref["beyond"]
+rows = [claims.pbrf_question(records("pbrf"), beyond["pbrf"]), claims.lds_summary(records("lds"), beyond["lds"])]
+TITLES |= {"pbrf": "PBRF", "lds": "LDS"}
+lines = ["| question | claim or definition | what this book measures | verdict | chapter |",
+         "| --- | --- | --- | --- | --- |"]
+lines += [f"| {c.finding} | {c.paper} | {c.measured} | **{c.verdict}** | {{doc}}`{TITLES[c.chapter]} <{c.chapter}>` |"
+          for c in rows]
+display(Markdown("\n".join(lines)))
+
+# %% [markdown]
 # ## Reading guide
 #
 # - {doc}`convex` is the control: L2-regularised logistic regression, where influence functions should match
@@ -93,6 +112,8 @@ display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(sweep.REPO
 #   solve) from the error of the influence function itself (exact solve against LOO).
 # - {doc}`cnn` asks the depth question for convolutional networks, {doc}`test_points` the test-point question,
 #   and {doc}`ground_truth` whether LOO is a usable ground truth as the data grow.
+# - {doc}`pbrf` and {doc}`lds` go beyond the paper: which ground truth influence functions approximate, and how
+#   the inverse-HVP methods fare when judged on groups of removed points.
 # - The appendix compares `influence_lib` with other libraries ({doc}`benchmarks`) and says how to reproduce
 #   every page ({doc}`reproduce`).
 #

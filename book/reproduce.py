@@ -41,7 +41,8 @@ from influence_lib import sweep
 prof = profile or sweep.profile()
 root = sweep.results_dir(prof)
 CHAPTERS = {"convex-iris": "convex", "convex-mnist": "convex", "iris": "iris, hessian", "mnist": "mnist",
-            "cnn": "cnn", "test-points": "test_points", "ground-truth": "ground_truth"}
+            "cnn": "cnn", "test-points": "test_points", "ground-truth": "ground_truth", "pbrf": "pbrf",
+            "lds": "lds"}
 rows = []
 for name, chapter in CHAPTERS.items():
     recs = [r for r in sweep.load_records(name, root) if "error" not in r]

@@ -24,9 +24,19 @@ from .curvature import (
 )
 from .ekfac import EKFACSolver
 from .influence import InfluenceCalculator, influence
+from .lds import (
+    LDSResult,
+    SubsetRetrainResult,
+    group_predictions,
+    linear_datamodeling_score,
+    retrain_subsets,
+    sample_subsets,
+    subset_retrain,
+)
 from .metrics import bootstrap_ci, mean_ci, pearson, spearman, top_k
 from .objective import Objective, flat_params, set_flat_params
-from .retrain import LOOResult, TrainConfig, fit_stacked, loo_retrain, retrain_without, train_model
+from .pbrf import PBRF, PBRFResult, pbrf_response, pbrf_retrain
+from .retrain import LOOResult, TrainConfig, fit_stacked, loo_retrain, minimize_stacked, retrain_without, train_model
 from .solvers import (
     METHODS,
     LissaDivergenceError,
@@ -42,7 +52,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "DenseOperator", "EKFACSolver", "GaussNewtonOperator", "HessianOperator", "InfluenceCalculator",
-    "LOOResult", "LinearOperator", "LissaDivergenceError", "NonFiniteError", "Objective", "SolverError",
+    "LDSResult", "LOOResult", "LinearOperator", "SubsetRetrainResult", "group_predictions",
+    "linear_datamodeling_score", "retrain_subsets", "sample_subsets", "subset_retrain",
+    "LissaDivergenceError", "NonFiniteError", "Objective", "PBRF", "PBRFResult", "SolverError",
+    "minimize_stacked", "pbrf_response", "pbrf_retrain",
     "TrainConfig",
     "bootstrap_ci", "extreme_eigenvalues", "fit_stacked", "flat_params", "hessian", "hvp", "ihvp_arnoldi",
     "ihvp_cg", "ihvp_exact", "ihvp_lissa", "influence", "lanczos", "loo_retrain", "mean_ci", "pearson",

@@ -221,6 +221,76 @@ def ground_truth_noise(records: Records, findings: dict[str, str]) -> Claim:
     return Claim("scale", findings["imagenet"], "ground_truth", text, verdict(est, lo, hi, -1))
 
 
+def _spearman_or_nan(a: np.ndarray, b: np.ndarray) -> float:
+    from .metrics import spearman
+
+    try:
+        return spearman(a, b)
+    except ValueError:  # a constant vector (e.g. a collapsed model): undefined
+        return float("nan")
+
+
+def pbrf_question(records: Records, claim: str) -> Claim:
+    """Bae et al.: is Gauss-Newton influence closer to the PBRF than to LOO retraining?
+
+    Per model: the Spearman correlation of the Gauss-Newton influence scores with the PBRF changes and with the LOO
+    changes over the removed points whose PBRF did not diverge, averaged over the examined test points; the claim
+    is the mean paired difference (PBRF minus LOO) over models, with a 95% interval.
+    """
+    to_pbrf, to_loo = [], []
+    for r in _ok(records):
+        per_tp = []
+        for tp in r["test_points"]:
+            pb = np.array([np.nan if v is None else v for v in tp["pbrf"]["actual"]], dtype=float)
+            fin = np.isfinite(pb)
+            gn = np.asarray(tp["curvatures"]["gauss-newton"]["predicted"], dtype=float)[fin]
+            loo = np.asarray(tp["actual"], dtype=float)[fin]
+            per_tp.append((_spearman_or_nan(gn, pb[fin]), _spearman_or_nan(gn, loo)))
+        a, b = np.array(per_tp).T
+        if np.isfinite(a).any() and np.isfinite(b).any():
+            to_pbrf.append(np.nanmean(a))
+            to_loo.append(np.nanmean(b))
+    if len(to_pbrf) < 2:
+        return _missing("what influence estimates", claim, "pbrf")
+    to_pbrf, to_loo = np.array(to_pbrf), np.array(to_loo)
+    est, lo, hi = mean_ci(to_pbrf - to_loo)
+    text = (f"Iris MLPs ({len(to_pbrf)} models): Spearman of Gauss-Newton influence with the PBRF "
+            f"{np.mean(to_pbrf):.2f}, with LOO {np.mean(to_loo):.2f}; paired difference {fmt_ci(est, lo, hi, 3)}")
+    return Claim("what influence estimates", claim, "pbrf", text, verdict(est, lo, hi, +1))
+
+
+def lds_summary(records: Records, claim: str, alpha: float = 0.5) -> Claim:
+    """Mean LDS per inverse-HVP method (subsets keeping ``alpha`` of the data), and LDS minus the paper's LOO
+    Spearman for the exact scores of the same models. A measurement beside the paper: no direction is claimed."""
+    per_method: dict[str, list[float]] = {}
+    diff = []
+    for r in _ok(records):
+        for e in r["lds"]:
+            if not np.isclose(e["alpha"], alpha):
+                continue
+            for m, v in e["methods"].items():
+                if v.get("mean") is not None and np.isfinite(v["mean"]):
+                    per_method.setdefault(m, []).append(v["mean"])
+            loo = (r.get("loo") or {}).get("methods", {}).get("exact")
+            ex = e["methods"].get("exact", {}).get("mean")
+            if loo and ex is not None:
+                rho = np.array([np.nan if x is None else x for x in loo["spearman"]], dtype=float)
+                if np.isfinite(rho).any():
+                    diff.append(ex - np.nanmean(rho))
+    if not per_method:
+        return _missing("group effects", claim, "lds")
+    n_models = sum(any(np.isclose(e["alpha"], alpha) for e in r["lds"]) for r in _ok(records))
+    text = (f"Iris and small-MNIST MLPs ({n_models} models), subsets keeping {alpha:g} of the data: mean LDS over "
+            "the models on which a method ran: "
+            + ", ".join(f"{m} {np.mean(v):.2f}" + (f" ({len(v)} models)" if len(v) < n_models else "")
+                        for m, v in per_method.items()))
+    v = "measured"
+    if len(diff) >= 2:
+        est, lo, hi = mean_ci(np.array(diff))
+        text += f"; exact LDS minus the LOO Spearman of the same scores {fmt_ci(est, lo, hi)}"
+    return Claim("group effects", claim, "lds", text, v)
+
+
 def claim_table(iris: Records, mnist: Records, cnn: Records, test_points: Records, ground_truth: Records,
                 findings: dict[str, str], hessian_claim: str) -> list[Claim]:
     """Every claim of the paper that the book measures, in the order of the chapters."""

@@ -8,6 +8,13 @@ training points with their correlations. Records are plain dicts, written as JSO
 Test points examined (roles): ``"highest"`` (largest test loss at theta*), ``"median"`` (median test loss) and
 ``n_random_test`` random ones. Removed training points: ``remove="all"`` (every training point) or
 ``remove="top"`` (for each examined test point its ``k`` largest |predicted| influences, pooled).
+
+Optional (see :data:`OPTIONAL_DEFAULTS`): ``curvatures`` beyond the first add, per test point, the scores of the
+primary method with another curvature (``entry["curvatures"]["gauss-newton"]``: predictions and their correlations
+with LOO, with the primary scores and with the PBRF); ``pbrf=True`` adds a second ground truth, the proximal Bregman
+response of the same removed points (:mod:`influence_lib.pbrf`; ``entry["pbrf"]``: its loss changes and their
+correlations with the primary scores and with LOO; ``record["pbrf"]``: the optimiser's step size, the relative final
+gradient norm of every PBRF and the norms of the parameter changes).
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import torch.nn.functional as F
 from . import __version__
 from .curvature import eigenvalue_summary, extreme_eigenvalues, spectrum_summary
 from .data import load_dataset
-from .influence import InfluenceCalculator
+from .influence import CURVATURES, InfluenceCalculator
 from .metrics import pearson, spearman, top_k
 from .models import build_model, count_params, last_layer_params
-from .retrain import retrain_without, train_model
+from .pbrf import pbrf_response
+from .retrain import OPTIMIZERS, retrain_without, train_model
 from .solvers import METHODS, SolverError
-from .validation import check_choice
+from .validation import check_choice, check_nonneg, check_positive, check_positive_int
 
 DEFAULTS: dict[str, Any] = {
     # data
@@ -72,16 +80,54 @@ DEFAULTS: dict[str, Any] = {
     "loss": "cross_entropy",
 }
 
+#: Settings added after records existed. A normalised setting lists one of these only where it differs from this
+#: default, so the key (hash) and the stored setting of every record computed without them are unchanged.
+OPTIONAL_DEFAULTS: dict[str, Any] = {
+    # curvatures of the influence scores, computed with the primary method; the first gives "predicted", the others
+    # are recorded per test point under "curvatures"
+    "curvatures": ["hessian"],
+    # a second ground truth: the proximal Bregman response function (influence_lib.pbrf) of the removed points,
+    # with the setting's damping and weight decay
+    "pbrf": False,
+    "pbrf_optimizer": "sgd",
+    "pbrf_lr": "auto",  # a number, or "auto" (sgd only): 1 / lambda_max of G + damping I at theta*
+    "pbrf_momentum": 0.9,
+    "pbrf_steps": 1000,
+}
+
 LOSSES = {"cross_entropy": F.cross_entropy}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def normalize_setting(setting: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults, reject unknown keys and values early (before any long computation)."""
-    unknown = sorted(set(setting) - set(DEFAULTS))
+    """Fill defaults, reject unknown keys and values early (before any long computation).
+
+    Keys of :data:`OPTIONAL_DEFAULTS` are checked too but kept only where they differ from their default.
+    """
+    unknown = sorted(set(setting) - set(DEFAULTS) - set(OPTIONAL_DEFAULTS))
     if unknown:
-        raise ValueError(f"setting: unknown key(s) {unknown}; accepted: {sorted(DEFAULTS)}")
+        raise ValueError(f"setting: unknown key(s) {unknown}; accepted: {sorted({*DEFAULTS, *OPTIONAL_DEFAULTS})}")
     s = {**DEFAULTS, **setting}
+    if isinstance(s.get("curvatures"), str):
+        s["curvatures"] = [s["curvatures"]]
+    for key, default in OPTIONAL_DEFAULTS.items():  # listed only where different from the default
+        if key in s and s[key] == default:
+            del s[key]
+    o = {**OPTIONAL_DEFAULTS, **s}
+    if not isinstance(o["curvatures"], list) or not o["curvatures"]:
+        raise ValueError(f"curvatures must be a non-empty list of {list(CURVATURES)}, got {o['curvatures']!r}")
+    for c in o["curvatures"]:
+        check_choice("curvatures", c, CURVATURES)
+    if not isinstance(o["pbrf"], bool):
+        raise ValueError(f"pbrf must be True or False, got {o['pbrf']!r}")
+    check_choice("pbrf_optimizer", o["pbrf_optimizer"], OPTIMIZERS)
+    if o["pbrf_lr"] == "auto":
+        if o["pbrf_optimizer"] != "sgd":
+            raise ValueError("pbrf_lr='auto' requires pbrf_optimizer='sgd'")
+    else:
+        check_positive("pbrf_lr", o["pbrf_lr"])
+    check_nonneg("pbrf_momentum", o["pbrf_momentum"])
+    check_positive_int("pbrf_steps", o["pbrf_steps"])
     if isinstance(s["methods"], str):
         s["methods"] = [s["methods"]]
     for m in s["methods"]:
@@ -111,6 +157,12 @@ def _round(x: torch.Tensor | np.ndarray, digits: int = 8) -> list[float]:
     return [float(f"{v:.{digits}g}") for v in a]
 
 
+def _round_or_none(x: torch.Tensor | np.ndarray, digits: int = 8) -> list[float | None]:
+    """Like :func:`_round`, with ``None`` for each non-finite value (no answer, e.g. from a diverged PBRF)."""
+    a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).ravel()
+    return [float(f"{v:.{digits}g}") if np.isfinite(v) else None for v in a]
+
+
 def _corr(pred: np.ndarray, actual: np.ndarray) -> dict[str, float | None]:
     """Pearson and Spearman; None (never NaN) where undefined (constant input)."""
     out: dict[str, float | None] = {}
@@ -136,6 +188,7 @@ def select_test_points(test_losses: torch.Tensor, n_random: int, seed: int) -> l
 def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
     """Run one setting and return its record (see the module docstring)."""
     s = normalize_setting(setting)
+    o = {**OPTIONAL_DEFAULTS, **s}  # the optional settings, defaults filled in
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     dtype = DTYPES[s["dtype"]]
@@ -181,7 +234,8 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
     for m in s["methods"]:
         t = time.perf_counter()
         calc = InfluenceCalculator(model, loss_fn, train, weight_decay=s["weight_decay"], damping=s["damping"],
-                                   method=m, params=params, **s["method_options"].get(m, {}))
+                                   method=m, params=params, curvature=o["curvatures"][0],
+                                   **s["method_options"].get(m, {}))
         try:
             scores[m] = calc.scores(sel_test)
         except SolverError as e:  # recorded, not hidden: the chapter reports the failure
@@ -203,6 +257,18 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
         lo, hi = extreme_eigenvalues(calc_p.operator, iters=min(60, calc_p.objective.p))
         spectrum = {"lambda_min": lo, "lambda_max": hi, "estimated_by": "lanczos-60"}
 
+    # the primary method with the other curvatures (e.g. Gauss-Newton beside the Hessian)
+    curv_scores: dict[str, torch.Tensor] = {}
+    curv_calcs: dict[str, InfluenceCalculator] = {}
+    for cv in o["curvatures"][1:]:
+        t = time.perf_counter()
+        calc = InfluenceCalculator(model, loss_fn, train, weight_decay=s["weight_decay"], damping=s["damping"],
+                                   method=primary, params=params, curvature=cv,
+                                   **s["method_options"].get(primary, {}))
+        curv_scores[cv] = calc.scores(sel_test)
+        curv_calcs[cv] = calc
+        timings[f"influence_{primary}_{cv}"] = time.perf_counter() - t
+
     # which training points to retrain without ----------------------------------------------------
     if s["remove"] == "all":
         remove = torch.arange(n)
@@ -221,6 +287,24 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
                           chunk_size=s["loo_chunk_size"], progress=progress)
     timings["loo"] = time.perf_counter() - t
     actual = loo.loss_change.T  # [T, R]
+
+    # the second ground truth: the proximal Bregman response function of the same removals
+    pbrf_actual, pbrf_info = None, None
+    if o["pbrf"]:
+        t = time.perf_counter()
+        pb = pbrf_response(model, loss_fn, train, sel_test, remove, weight_decay=s["weight_decay"],
+                           damping=s["damping"], optimizer=o["pbrf_optimizer"], lr=o["pbrf_lr"],
+                           momentum=o["pbrf_momentum"], steps=o["pbrf_steps"], seed=s["seed"], params=params,
+                           progress=progress)
+        timings["pbrf"] = time.perf_counter() - t
+        pbrf_actual = pb.loss_change.T  # [T, R]
+        # a diverged PBRF (no minimiser reached near theta*) has None in every list and is left out of correlations
+        pbrf_info = {"lr": pb.config["lr"], "diverged": [int(i) for i in remove[pb.diverged.cpu()]],
+                     "relative_grad_norm": _round_or_none(pb.relative_grad_norm),
+                     "param_change_norm": _round_or_none(pb.param_change.norm(dim=1))}
+        if "gauss-newton" in curv_calcs and params is None:
+            pbrf_info["predicted_param_change_norm_gn"] = _round(
+                curv_calcs["gauss-newton"].param_change(remove).norm(dim=1))
 
     # predicted vs actual parameter change (norms), first-order prediction (1/n) A^-1 g_i
     param_norms = None
@@ -245,6 +329,26 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
             entry[f"top{k}_train_loss"] = _corr(p_all[hl], a_all[hl])
         entry["predicted"] = _round(p_all)
         entry["actual"] = _round(a_all)
+        if pbrf_actual is not None:
+            b_all = pbrf_actual[j].detach().cpu().numpy()
+            fin = np.isfinite(b_all)  # False where the PBRF diverged
+            top_fin = top[fin[top]]
+            entry["pbrf"] = {"actual": _round_or_none(b_all), "all": _corr(p_all[fin], b_all[fin]),
+                             f"top{k}_influence": _corr(p_all[top_fin], b_all[top_fin]),
+                             "vs_loo": _corr(b_all[fin], a_all[fin])}
+        if curv_scores:
+            entry["curvatures"] = {}
+        for cv, sc in curv_scores.items():
+            c_all = sc[j, remove].detach().cpu().numpy()
+            c_top = top_k(c_all, k)
+            ce: dict[str, Any] = {"predicted": _round(c_all), "all": _corr(c_all, a_all),
+                                  f"top{k}_influence": _corr(c_all[c_top], a_all[c_top]),
+                                  "vs_reference": _corr(c_all, p_all)}
+            if pbrf_actual is not None:
+                c_top_fin = c_top[fin[c_top]]
+                ce["pbrf"] = {"all": _corr(c_all[fin], b_all[fin]),
+                              f"top{k}_influence": _corr(c_all[c_top_fin], b_all[c_top_fin])}
+            entry["curvatures"][cv] = ce
         entry["estimators"] = {}
         for m, sc in scores.items():
             if m == primary:
@@ -259,6 +363,7 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
         points.append(entry)
 
     timings["total"] = time.perf_counter() - t_all
+    extra = {} if pbrf_info is None else {"pbrf": pbrf_info}
     return {
         "setting": s,
         "dataset": {"requested": data.requested, "name": data.name, "source": data.source,
@@ -272,4 +377,5 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
         "test_points": points,
         "timings": timings,
         "versions": versions(),
+        **extra,
     }

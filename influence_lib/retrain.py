@@ -23,7 +23,7 @@ models of a stack see the same batches, and a removed point simply has weight ze
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,7 +113,7 @@ def fit_stacked(
         raise ValueError(f"theta0 must have shape [B, {objective.p}], got {tuple(theta0.shape)}")
     if weights.shape != (theta0.shape[0], n):
         raise ValueError(f"weights must have shape [{theta0.shape[0]}, {n}], got {tuple(weights.shape)}")
-    wd, loss_fn = objective.weight_decay, objective.loss_fn
+    loss_fn = objective.loss_fn
 
     def per_model(theta: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
         out = objective.forward(theta, xb)
@@ -126,23 +126,59 @@ def fit_stacked(
         # a single model on all its data: the plain batch-mean objective, without vmap overhead
         def batched(th: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:  # noqa: F811
             return loss_fn(objective.forward(th[0], xb), yb).unsqueeze(0)
+    W = weights.to(dtype=theta0.dtype, device=theta0.device)
+
+    def data_terms(th: Tensor, rows: Tensor | None) -> Tensor:
+        xb, yb, wb = (X, y, W) if rows is None else (X[rows], y[rows], W[:, rows])
+        return _batch_objective(batched, th, wb, xb, yb)
+
+    return minimize_stacked(data_terms, theta0, n, cfg, l2=objective.weight_decay, progress=progress)
+
+
+def minimize_stacked(
+    data_terms: Callable[[Tensor, Tensor | None], Tensor],
+    theta0: Tensor,
+    n: int,
+    cfg: TrainConfig,
+    *,
+    l2: float = 0.0,
+    center: Tensor | None = None,
+    on_nonfinite: str = "raise",
+    progress: bool | tqdm = False,
+) -> Tensor:
+    """The optimiser loop shared by every stacked training: minimise, for each model ``b`` of the stack,
+
+        data_terms(Theta, rows)[b] + (l2 / 2) ||theta_b - center||^2        (center = 0 when None)
+
+    from ``theta0`` ``[B, p]`` with ``cfg`` (SGD with momentum or Adam, step for step like ``torch.optim``; the
+    quadratic term's gradient is added analytically, as coupled L2). ``data_terms(Theta, rows)`` returns the
+    ``[B]`` data terms of the stacked parameters ``Theta`` on the training rows ``rows`` (``None``: all ``n`` rows;
+    otherwise the index tensor of the current mini-batch, see ``cfg.batch_size``); the models must not interact.
+    A model whose data term or parameters become non-finite: ``on_nonfinite="raise"`` (default) raises
+    :class:`NonFiniteError`; ``"stop"`` stops that model alone, returns its row as NaN (no answer) and continues
+    with the others.
+    """
+    check_choice("on_nonfinite", on_nonfinite, ("raise", "stop"))
     theta = theta0.detach().clone()
-    W = weights.to(dtype=theta.dtype, device=theta.device)
+    dead = torch.zeros(theta.shape[0], dtype=torch.bool, device=theta.device)
+    anchor = None if center is None else center.detach().to(dtype=theta.dtype, device=theta.device)
     buf = torch.zeros_like(theta)  # SGD momentum buffer / Adam first moment
     sq = torch.zeros_like(theta)  # Adam second moment
     b1, b2 = cfg.betas
     own_bar = progress is True
     bar = tqdm(total=cfg.steps, desc="training", leave=False) if own_bar else progress
-    for t, rows in enumerate(_batches(n, cfg, X.device), start=1):
-        xb, yb, wb = (X, y, W) if rows is None else (X[rows], y[rows], W[:, rows])
+    for t, rows in enumerate(_batches(n, cfg, theta.device), start=1):
         with torch.enable_grad():
             th = theta.requires_grad_(True)
-            data_losses = _batch_objective(batched, th, wb, xb, yb)
+            data_losses = data_terms(th, rows)
             (g,) = torch.autograd.grad(data_losses.sum(), th)
         theta = th.detach()
-        if not (bool(torch.isfinite(data_losses).all()) and bool(torch.isfinite(theta).all())):
-            raise NonFiniteError(f"training loss became non-finite at step {t}: lower lr (now {cfg.lr:g})")
-        g = g + wd * theta
+        bad = ~torch.isfinite(data_losses) | ~torch.isfinite(theta).all(1)
+        if bool((bad & ~dead).any()):
+            if on_nonfinite == "raise":
+                raise NonFiniteError(f"training loss became non-finite at step {t}: lower lr (now {cfg.lr:g})")
+            dead, theta = _stop(dead | bad, theta)
+        g = g + l2 * (theta if anchor is None else theta - anchor)
         if cfg.optimizer == "sgd":
             if cfg.momentum > 0:
                 buf = g.clone() if t == 1 else cfg.momentum * buf + g
@@ -153,13 +189,21 @@ def fit_stacked(
             sq.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (sq.sqrt() / ((1 - b2 ** t) ** 0.5)).add_(cfg.eps)
             theta = theta - (cfg.lr / (1 - b1 ** t)) * buf / denom
-        if not bool(torch.isfinite(theta).all()):
-            raise NonFiniteError(f"parameters became non-finite at step {t}: lower lr (now {cfg.lr:g})")
+        bad = ~torch.isfinite(theta).all(1)
+        if bool((bad & ~dead).any()):
+            if on_nonfinite == "raise":
+                raise NonFiniteError(f"parameters became non-finite at step {t}: lower lr (now {cfg.lr:g})")
+            dead, theta = _stop(dead | bad, theta)
         if bar:
             bar.update(1)
     if own_bar:
         bar.close()
     return theta
+
+
+def _stop(dead: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Mark the models ``dead`` as stopped: their parameter rows become NaN (rows never mix, so the rest go on)."""
+    return dead, torch.where(dead.unsqueeze(1), torch.full_like(theta, float("nan")), theta)
 
 
 def _batch_objective(batched, th: Tensor, wb: Tensor, xb: Tensor, yb: Tensor) -> Tensor:

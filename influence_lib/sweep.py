@@ -10,6 +10,10 @@ filled in), so a rerun finds what is already computed and runs only what is miss
 is recorded with its error (and retried with ``--retry-failed``). Each record is written to a temporary
 file and renamed into place: an interrupted sweep never leaves a half-written record.
 
+A setting with a ``"runner"`` key is run by that runner instead of :func:`influence_lib.experiment.run_setting`
+(see :data:`RUNNERS`; e.g. ``"lds"``: :func:`influence_lib.lds.run_lds_setting`); its key and checks come from the
+runner's own normaliser. Settings without the key are unchanged (same keys, same records).
+
 Environment: ``IL_PROFILE`` (``default`` or ``quick``) selects ``results/`` or ``results/quick/`` for the
 book's chapters; ``IL_RECOMPUTE=1`` makes the chapters recompute their records; ``IL_JOBS`` the number of
 worker processes (default: the number of CPU cores).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import itertools
 import json
 import math
@@ -26,7 +31,7 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,30 @@ from tqdm.auto import tqdm
 from .experiment import normalize_setting, run_setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Other kinds of records: ``setting["runner"]`` -> (module, normaliser, runner). The normaliser fills defaults and
+#: validates (it must keep the ``"runner"`` key); the runner returns a record.
+RUNNERS: dict[str, tuple[str, str, str]] = {
+    "lds": ("influence_lib.lds", "normalize_lds_setting", "run_lds_setting"),
+}
+
+
+def _runner(setting: dict[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]],
+                                              Callable[[dict[str, Any]], dict[str, Any]]]:
+    """``(normalise, run)`` for ``setting``: experiment's unless the setting names another runner."""
+    kind = setting.get("runner")
+    if kind is None:
+        return normalize_setting, run_setting  # looked up at call time (tests patch sweep.run_setting)
+    if kind not in RUNNERS:
+        raise ValueError(f"runner must be one of {sorted(RUNNERS)} (or absent), got {kind!r}")
+    module, norm, run = RUNNERS[kind]
+    mod = importlib.import_module(module)
+    return getattr(mod, norm), getattr(mod, run)
+
+
+def normalize_any(setting: dict[str, Any]) -> dict[str, Any]:
+    """The normalised ``setting`` (defaults filled, values checked) for whichever runner it belongs to."""
+    return _runner(setting)[0](setting)
 
 
 def profile() -> str:
@@ -55,7 +84,7 @@ def results_dir(prof: str | None = None) -> Path:
 
 def setting_key(setting: dict[str, Any]) -> str:
     """Stable 16-hex-digit hash of the complete (normalised) setting."""
-    blob = json.dumps(normalize_setting(setting), sort_keys=True, default=str)
+    blob = json.dumps(normalize_any(setting), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -103,7 +132,7 @@ def expand(base: dict[str, Any], grid: dict[str, Sequence[Any]] | None = None,
     for values in itertools.product(*(grid[k] for k in keys)):
         for seed in seeds:
             s = {**base, **dict(zip(keys, values, strict=True)), "seed": seed}
-            normalize_setting(s)  # fail early on a bad key or value
+            normalize_any(s)  # fail early on a bad key or value
             out.append(s)
     return out
 
@@ -119,9 +148,9 @@ def _work(name: str, setting: dict[str, Any], root: str, threads: int, recompute
         if ok or not retry_failed:
             return str(path), ok
     try:
-        record = json_finite(run_setting(setting))
+        record = json_finite(_runner(setting)[1](setting))
     except Exception as e:  # recorded so that the chapter can show it; retried with retry_failed
-        record = {"setting": normalize_setting(setting), "error": f"{type(e).__name__}: {e}",
+        record = {"setting": normalize_any(setting), "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(limit=5)}
     write_atomic(path, record)
     return str(path), "error" not in record
@@ -292,10 +321,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = run_grid(a.name, settings, root=a.results, jobs=a.jobs, recompute=a.recompute,
                        retry_failed=a.retry_failed)
     ok, failed = split_failed(records)
-    frame = to_frame(ok)
+    if ok and ok[0]["setting"].get("runner") == "lds":
+        from .lds import to_frame as lds_frame
+
+        frame = lds_frame(ok)
+        cols = ["dataset", "depth", "width", "seed", "alpha", "method", "lds", "loo_spearman"]
+    else:
+        frame = to_frame(ok)
+        cols = ["depth", "width", "weight_decay", "seed", "role", "pearson_all", "spearman_all"]
     if len(frame):
-        cols = [c for c in ("depth", "width", "weight_decay", "seed", "role", "pearson_all", "spearman_all")
-                if c in frame]
+        cols = [c for c in cols if c in frame]
         print(frame[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     for r in failed:
         print(f"FAILED {setting_key(r['setting'])}: {r['error']}", file=sys.stderr)

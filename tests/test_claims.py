@@ -49,3 +49,39 @@ def test_test_point_anova_detects_a_point_effect_and_only_then():
     assert claims.test_point_dependence(strong, FINDINGS).verdict == "reproduced"
     noise_only = [_record(1, 8, 0.001, s, list(0.5 + 0.1 * rng.standard_normal(30))) for s in range(2)]
     assert claims.test_point_dependence(noise_only, FINDINGS).verdict.startswith("not resolved")
+
+
+def _pbrf_record(seed, pbrf_noise, loo_noise, diverged=()):
+    """Gauss-Newton scores g; the PBRF follows g up to ``pbrf_noise``, LOO up to ``loo_noise``."""
+    rng = np.random.default_rng(seed)
+    tps = []
+    for i in range(3):
+        g = rng.standard_normal(40)
+        pb = [None if j in diverged else float(v) for j, v in enumerate(g + pbrf_noise * rng.standard_normal(40))]
+        tps.append({"index": i, "actual": list(g + loo_noise * rng.standard_normal(40)), "pbrf": {"actual": pb},
+                    "curvatures": {"gauss-newton": {"predicted": list(g)}}})
+    return {"setting": {"seed": seed}, "test_points": tps}
+
+
+def test_pbrf_claim_follows_the_records_and_skips_diverged_points():
+    closer = [_pbrf_record(s, 0.1, 2.0, diverged=(0, 5)) for s in range(4)]
+    c = claims.pbrf_question(closer, "claim")
+    assert c.verdict == "reproduced" and c.chapter == "pbrf" and "4 models" in c.measured
+    farther = [_pbrf_record(s, 2.0, 0.1) for s in range(4)]
+    assert claims.pbrf_question(farther, "claim").verdict == "opposite"
+    assert claims.pbrf_question([{"error": "x"}], "claim").verdict == "no data"
+
+
+def _lds_record(exact, loo, alpha=0.5, cg_failed=False):
+    methods = {"exact": {"mean": exact}, "cg": {"mean": None if cg_failed else exact}}
+    return {"setting": {}, "lds": [{"alpha": alpha, "methods": methods}],
+            "loo": {"methods": {"exact": {"spearman": [loo, None, loo]}}}}
+
+
+def test_lds_summary_reports_means_counts_and_the_paired_difference():
+    recs = [_lds_record(0.8, 0.5), _lds_record(0.7, 0.5, cg_failed=True), _lds_record(0.9, 0.5),
+            _lds_record(0.1, 0.9, alpha=0.9)]  # another alpha: ignored
+    c = claims.lds_summary(recs, "definition")
+    assert "(3 models)" in c.measured and "exact 0.80," in c.measured and "cg 0.85 (2 models)" in c.measured
+    assert "0.30 [" in c.measured and c.verdict == "measured"  # 0.8 - 0.5 on average
+    assert claims.lds_summary([], "definition").verdict == "no data"
