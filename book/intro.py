@@ -112,8 +112,9 @@ display(Markdown("\n".join(lines)))
 #   solve) from the error of the influence function itself (exact solve against LOO).
 # - {doc}`cnn` asks the depth question for convolutional networks, {doc}`test_points` the test-point question,
 #   and {doc}`ground_truth` whether LOO is a usable ground truth as the data grow.
-# - {doc}`pbrf` and {doc}`lds` go beyond the paper: which ground truth influence functions approximate, and how
-#   the inverse-HVP methods fare when judged on groups of removed points.
+# - {doc}`validation`, {doc}`pbrf` and {doc}`lds` go beyond the paper: how much of the measured fragility depends on
+#   the validation procedure {cite}`epifano2023`, which ground truth influence functions approximate, and how the
+#   inverse-HVP methods fare when judged on groups of removed points.
 # - The appendix compares `influence_lib` with other libraries ({doc}`benchmarks`) and says how to reproduce
 #   every page ({doc}`reproduce`).
 #

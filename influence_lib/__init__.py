@@ -11,6 +11,7 @@ Sign convention: a score is the predicted change of the test loss when the train
 (positive = the point helped the test prediction); it includes the 1/n of the mean loss.
 """
 
+from . import procedures  # validation procedures of the accuracy of influence (select, agreement, effects)
 from .curvature import (
     DenseOperator,
     GaussNewtonOperator,
@@ -51,6 +52,7 @@ from .validation import NonFiniteError
 __version__ = "0.1.0"
 
 __all__ = [
+    "procedures",
     "METHODS", "DenseOperator", "EKFACSolver", "GaussNewtonOperator", "HessianOperator", "InfluenceCalculator",
     "LDSResult", "LOOResult", "LinearOperator", "SubsetRetrainResult", "group_predictions",
     "linear_datamodeling_score", "retrain_subsets", "sample_subsets", "subset_retrain",

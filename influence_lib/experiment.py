@@ -185,30 +185,38 @@ def select_test_points(test_losses: torch.Tensor, n_random: int, seed: int) -> l
     return chosen
 
 
-def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
-    """Run one setting and return its record (see the module docstring)."""
-    s = normalize_setting(setting)
-    o = {**OPTIONAL_DEFAULTS, **s}  # the optional settings, defaults filled in
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    dtype = DTYPES[s["dtype"]]
-    loss_fn = LOSSES[s["loss"]]
+def data_and_model(s: dict[str, Any]):
+    """The data set and the freshly initialised (seeded) model of a normalised setting ``s``: ``(data, model)``.
 
-    # data and model ---------------------------------------------------------------------------
-    t = time.perf_counter()
+    Shared by every runner, so that the same setting gives the same data and initial model everywhere.
+    """
     data = load_dataset(s["dataset"], seed=s["data_seed"], n_train=s["n_train"], n_test=s["n_test"],
-                        fallback=s["fallback"], dtype=dtype, flatten=s["model"] in ("mlp", "linear"))
-    train = (data.X_train, data.y_train)
-    n = len(data.y_train)
-    if s["remove"] == "all" and n > 2000:
-        raise ValueError(f"remove='all' would retrain {n} models; use remove='top' for data this large")
+                        fallback=s["fallback"], dtype=DTYPES[s["dtype"]], flatten=s["model"] in ("mlp", "linear"))
     kwargs = {} if s["model"] == "linear" else {"depth": s["depth"], "width": s["width"],
                                                 "activation": s["activation"]}
     if s["model"] in ("vgg", "resnet"):
         kwargs = {"width": s["width"], "activation": s["activation"],
                   ("stages" if s["model"] == "vgg" else "blocks"): s["depth"]}
     model = build_model(s["model"], in_shape=tuple(data.X_train.shape[1:]), n_classes=data.n_classes,
-                        seed=s["seed"], dtype=dtype, **kwargs)
+                        seed=s["seed"], dtype=DTYPES[s["dtype"]], **kwargs)
+    return data, model
+
+
+def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
+    """Run one setting and return its record (see the module docstring)."""
+    s = normalize_setting(setting)
+    o = {**OPTIONAL_DEFAULTS, **s}  # the optional settings, defaults filled in
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    loss_fn = LOSSES[s["loss"]]
+
+    # data and model ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    data, model = data_and_model(s)
+    train = (data.X_train, data.y_train)
+    n = len(data.y_train)
+    if s["remove"] == "all" and n > 2000:
+        raise ValueError(f"remove='all' would retrain {n} models; use remove='top' for data this large")
     timings["data_model"] = time.perf_counter() - t
 
     # training to theta* -------------------------------------------------------------------------

@@ -437,30 +437,21 @@ def run_lds_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[
     the actual and predicted group effects, and, for the highest-loss test point, both vectors across subsets.
     """
     from .curvature import eigenvalue_summary
-    from .data import load_dataset
-    from .experiment import DTYPES, LOSSES
+    from .experiment import LOSSES, data_and_model
     from .influence import InfluenceCalculator
-    from .models import build_model, count_params, last_layer_params
+    from .models import count_params, last_layer_params
     from .retrain import train_model
     from .solvers import SolverError
 
     s = normalize_lds_setting(setting)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
-    dtype, loss_fn = DTYPES[s["dtype"]], LOSSES[s["loss"]]
+    loss_fn = LOSSES[s["loss"]]
 
     t = time.perf_counter()
-    data = load_dataset(s["dataset"], seed=s["data_seed"], n_train=s["n_train"], n_test=s["n_test"],
-                        fallback=s["fallback"], dtype=dtype, flatten=s["model"] in ("mlp", "linear"))
+    data, model = data_and_model(s)  # the same data and initial model as experiment.run_setting
     train, test = (data.X_train, data.y_train), (data.X_test, data.y_test)
     n = len(data.y_train)
-    kwargs = {} if s["model"] == "linear" else {"depth": s["depth"], "width": s["width"],
-                                                "activation": s["activation"]}
-    if s["model"] in ("vgg", "resnet"):
-        kwargs = {"width": s["width"], "activation": s["activation"],
-                  ("stages" if s["model"] == "vgg" else "blocks"): s["depth"]}
-    model = build_model(s["model"], in_shape=tuple(data.X_train.shape[1:]), n_classes=data.n_classes,
-                        seed=s["seed"], dtype=dtype, **kwargs)
     timings["data_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
