@@ -198,9 +198,11 @@ if compare is not None:
         f"`influence_lib` is at least twice as fast as the fastest anchor in {len(same_matrix) - len(short)} of "
         f"{len(same_matrix)} cases" + (": short of that in " + "; ".join(
             f"{r.problem} {r.method} ({1 / r['ours / anchor']:.2f}x)" for _, r in short.iterrows())
-            + ". These are the cases in which the number of Hessian-vector products is fixed by the method itself "
-            "(one per parameter for the dense Hessian; depth x test points for LiSSA) and each product is bound by "
-            "the convolution kernels (profile below), so the remaining margin is the cost per product."
+            + ". In these cases the number of Hessian-vector products is fixed by the method itself (one per "
+            "parameter for the dense Hessian, depth x test points for LiSSA, one per Krylov step for Arnoldi), every "
+            "library needs the same number, and each product is bound by the convolution kernels (profile below): "
+            "the remaining margin is the cost per product, which differs little between the libraries (last table "
+            "of this section). The ratios move by up to about 30% between runs on this shared machine."
             if len(short) else ".")))
 
 # %%

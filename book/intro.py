@@ -85,16 +85,18 @@ display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(sweep.REPO
 # %% [markdown]
 # ## Beyond the paper
 #
-# Two later papers changed what "accurate influence" means, and the last part of the book measures both on the
-# same kind of models. {cite}`bae2022` argue that influence functions in deep learning do not estimate
+# Three later papers changed what "accurate influence" means, and the last part of the book measures them on the
+# same kind of models. {cite}`epifano2023` trace part of the reported fragility to how accuracy is validated;
+# {cite}`bae2022` argue that influence functions in deep learning do not estimate
 # leave-one-out retraining at all but a different, well-defined quantity, the proximal Bregman response function
 # (PBRF); {cite}`park2023` judge attributions by how well their *sums* predict retraining on random subsets (the
 # linear datamodeling score, LDS), not by single removals.
 
 # %% tags=["hide-input"]
 beyond = ref["beyond"]
-rows = [claims.pbrf_question(records("pbrf"), beyond["pbrf"]), claims.lds_summary(records("lds"), beyond["lds"])]
-TITLES |= {"pbrf": "PBRF", "lds": "LDS"}
+rows = [claims.validation_procedure(records("iris"), beyond["validation"]),
+        claims.pbrf_question(records("pbrf"), beyond["pbrf"]), claims.lds_summary(records("lds"), beyond["lds"])]
+TITLES |= {"validation": "Validation procedure", "pbrf": "PBRF", "lds": "LDS"}
 lines = ["| question | claim or definition | what this book measures | verdict | chapter |",
          "| --- | --- | --- | --- | --- |"]
 lines += [f"| {c.finding} | {c.paper} | {c.measured} | **{c.verdict}** | {{doc}}`{TITLES[c.chapter]} <{c.chapter}>` |"

@@ -291,6 +291,35 @@ def lds_summary(records: Records, claim: str, alpha: float = 0.5) -> Claim:
     return Claim("group effects", claim, "lds", text, v)
 
 
+def validation_procedure(records: Records, claim: str, k: int = 25) -> Claim:
+    """Epifano et al.: does the depth verdict (Iris, the largest weight decay) depend on the validation procedure?
+
+    Two procedures on the same records (:mod:`influence_lib.procedures`): this book's (Spearman over every removed
+    point, mean over the examined test points) and the paper's (Spearman over the top ``k`` removed points by
+    |predicted change|, highest-loss test point only). The verdict is the common one, or "depends on the
+    procedure" when they differ.
+    """
+    from . import procedures
+
+    ok = _ok(records)
+    if not ok:
+        return _missing("validation procedure", claim, "validation")
+    wd = max(r["setting"]["weight_decay"] for r in ok)
+    parts, verdicts = [], []
+    for label, rule, kk, roles in [("every removed point, all test points", "all", None, None),
+                                   (f"top {k} by |influence|, highest-loss test point", "top_abs_influence", k,
+                                    ["highest"])]:
+        table = procedures.accuracy_table(ok, metric="spearman", rule=rule, k=kk)
+        eff = procedures.effects(procedures.per_model(table, roles)).get(f"depth wd={wd:g}")
+        if eff is None:
+            return _missing("validation procedure", claim, "validation")
+        parts.append(f"{label}: {fmt_ci(eff['estimate'], eff['lo'], eff['hi'], 3)} ({eff['verdict']})")
+        verdicts.append(eff["verdict"])
+    text = f"Iris MLPs, slope of Spearman per layer (weight decay {wd:g}) — " + "; ".join(parts)
+    return Claim("validation procedure", claim, "validation", text,
+                 verdicts[0] if verdicts[0] == verdicts[1] else "depends on the procedure")
+
+
 def claim_table(iris: Records, mnist: Records, cnn: Records, test_points: Records, ground_truth: Records,
                 findings: dict[str, str], hessian_claim: str) -> list[Claim]:
     """Every claim of the paper that the book measures, in the order of the chapters."""

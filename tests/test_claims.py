@@ -85,3 +85,31 @@ def test_lds_summary_reports_means_counts_and_the_paired_difference():
     assert "(3 models)" in c.measured and "exact 0.80," in c.measured and "cg 0.85 (2 models)" in c.measured
     assert "0.30 [" in c.measured and c.verdict == "measured"  # 0.8 - 0.5 on average
     assert claims.lds_summary([], "definition").verdict == "no data"
+
+
+def _procedure_record(depth, seed, top_noise):
+    """120 removed points, predicted = 1..120; the actual changes agree everywhere except among the top 25 by
+    |predicted|, which are shuffled with probability ``top_noise`` (so only a top-25 validation sees it)."""
+    rng = np.random.default_rng(100 * depth + seed)
+    pred = np.arange(1.0, 121.0)
+    act = pred + 25 * rng.standard_normal(120)  # all-120 agreement varies from seed to seed
+    top = np.arange(95, 120)
+    mix = rng.random(25) < top_noise
+    act[top] = pred[top] + 2 * rng.standard_normal(25)
+    act[top[mix]] = 95 + 25 * rng.random(int(mix.sum()))  # shuffled among themselves: the all-120 ranks barely move
+    tp = {"role": "highest", "index": 0, "predicted": list(pred), "actual": list(act)}
+    return {"setting": {"depth": depth, "width": 5, "weight_decay": 0.005, "seed": seed}, "removed": list(range(120)),
+            "test_points": [tp]}
+
+
+def test_validation_claim_shows_when_the_depth_verdict_depends_on_the_procedure():
+    recs = [_procedure_record(d, s, top_noise=(d - 1) / 7) for d in range(1, 9) for s in range(3)]
+    c = claims.validation_procedure(recs, "claim")
+    assert c.chapter == "validation" and "top 25 by |influence|" in c.measured
+    every, top = c.measured.split(" — ")[1].split("; ")
+    assert top.endswith("(reproduced)")  # the top-25 correlation falls with depth ...
+    assert "not resolved" in every  # ... the all-point one does not resolve a trend
+    assert c.verdict == "depends on the procedure"
+    flat = [_procedure_record(d, s, top_noise=0.0) for d in range(1, 9) for s in range(3)]
+    assert claims.validation_procedure(flat, "claim").verdict.startswith("not resolved")
+    assert claims.validation_procedure([], "claim").verdict == "no data"
