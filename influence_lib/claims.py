@@ -307,7 +307,7 @@ def validation_procedure(records: Records, claim: str, k: int = 25) -> Claim:
     wd = max(r["setting"]["weight_decay"] for r in ok)
     parts, verdicts = [], []
     for label, rule, kk, roles in [("every removed point, all test points", "all", None, None),
-                                   (f"top {k} by |influence|, highest-loss test point", "top_abs_influence", k,
+                                   (f"top {k} by absolute influence, highest-loss test point", "top_abs_influence", k,
                                     ["highest"])]:
         table = procedures.accuracy_table(ok, metric="spearman", rule=rule, k=kk)
         eff = procedures.effects(procedures.per_model(table, roles)).get(f"depth wd={wd:g}")

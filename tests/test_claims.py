@@ -105,7 +105,7 @@ def _procedure_record(depth, seed, top_noise):
 def test_validation_claim_shows_when_the_depth_verdict_depends_on_the_procedure():
     recs = [_procedure_record(d, s, top_noise=(d - 1) / 7) for d in range(1, 9) for s in range(3)]
     c = claims.validation_procedure(recs, "claim")
-    assert c.chapter == "validation" and "top 25 by |influence|" in c.measured
+    assert c.chapter == "validation" and "top 25 by absolute influence" in c.measured
     every, top = c.measured.split(" — ")[1].split("; ")
     assert top.endswith("(reproduced)")  # the top-25 correlation falls with depth ...
     assert "not resolved" in every  # ... the all-point one does not resolve a trend
