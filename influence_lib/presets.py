@@ -123,7 +123,7 @@ GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
     "mnist": {"default": ([{"depth": [1, 2], "weight_decay": [0.0, 0.001]},
                            {"depth": [3], "weight_decay": [0.001]},
                            {"depth": [1], "width": [2], "weight_decay": [0.001]}],
-                          [0, 1]),
+                          [0, 1, 2, 3]),
               "quick": ([{"depth": [1], "width": [2], "weight_decay": [0.0, 0.001], "n_train": [100], "n_test": [40],
                           "steps": [200], "loo_steps": [50], "k": [6]}], [0])},
     # full-network exact influence of the small CNN in float64 (a float32 dense Hessian is not symmetric enough)
