@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= default
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
+# the tests draw nothing on screen; the book's kernels keep their inline backend (an exported Agg backend would
+# leave every plt.show() in a chapter without an image)
+TEST_ENV := MPLBACKEND=Agg
 
 .PHONY: setup test lint book book-quick book-recompute bench bench-probes bench-compare demo clean
 
@@ -21,7 +23,7 @@ setup: $(STAMP)
 ## test: lint and the whole test suite (a few minutes on 2 CPU cores)
 test: $(STAMP)
 	$(PY) -m ruff check influence_lib tests benchmarks book
-	$(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check influence_lib tests benchmarks book

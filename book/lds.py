@@ -279,7 +279,8 @@ if len(iris_models) >= 2:
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]
-# The same comparison test point by test point: each dot is one (seed, test point) of the exact influence, its
+# The same comparison test point by test point: each dot is one (seed, test point) of the exact influence (colour:
+# seed), its
 # LDS against its LOO Spearman correlation. Points above the diagonal are test points whose scores predict
 # group outcomes better than they rank single removals.
 
@@ -290,7 +291,8 @@ for ax, lab in zip(axes[0], models, strict=True):
     g = ex[ex.model == lab]
     ax.plot([-1, 1], [-1, 1], color="grey", lw=0.8, ls="--")
     if len(g):
-        sns.scatterplot(data=g, x="loo_spearman", y="lds", hue="seed", palette="deep", s=22, ax=ax, legend=False)
+        sns.scatterplot(data=g, x="loo_spearman", y="lds", hue="seed", palette="deep", s=22, ax=ax,
+                        legend="full" if ax is axes[0][-1] else False)
         r = np.corrcoef(g.loo_spearman, g.lds)[0, 1] if len(g) > 2 and g.lds.std() > 0 else np.nan
         ax.set_title(f"{lab}\nabove diagonal {np.mean(g.lds > g.loo_spearman):.0%}, Pearson {r:.2f}", fontsize=10)
     ax.set(xlabel="Spearman vs LOO (single removals)", ylabel="LDS (alpha = 0.5)", xlim=(-0.6, 1), ylim=(-0.6, 1))
