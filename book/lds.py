@@ -280,8 +280,7 @@ display(Markdown("\n".join(lines)))
 
 # %% [markdown]
 # The same comparison test point by test point: each dot is one (seed, test point) of the exact influence (colour:
-# seed), its
-# LDS against its LOO Spearman correlation. Points above the diagonal are test points whose scores predict
+# seed), its LDS against its LOO Spearman correlation. Points above the diagonal are test points whose scores predict
 # group outcomes better than they rank single removals.
 
 # %%
