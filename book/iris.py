@@ -255,16 +255,8 @@ for i, d in enumerate((D0, D1)):
         top = np.argsort(-np.abs(p), kind="mergesort")[:k]
         ax.scatter(p, a, s=14, alpha=0.6, color="C0")
         ax.scatter(p[top], a[top], s=18, color="C1", label=f"top {k} |predicted|")
-        lim = np.abs(np.concatenate([p, a])).max() * 1.3
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-        e = int(np.floor(np.log10(lim)))
-        ticks = [sign * 10.0 ** (e - j) for sign in (-1, 1) for j in (0, 2)] + [0]
-        labels = [f"{t:.0e}" if t else "0" for t in ticks]
-        ax.set_xscale("symlog", linthresh=lim * 1e-4)
-        ax.set_yscale("symlog", linthresh=lim * 1e-4)
-        ax.set_xticks(ticks, labels)
-        ax.set_yticks(ticks, labels)
-        ax.set(xlabel="predicted loss change", ylabel="actual loss change (LOO)", xlim=(-lim, lim), ylim=(-lim, lim),
+        report.diagonal_symlog(ax, p, a, 1e-4)
+        ax.set(xlabel="predicted loss change", ylabel="actual loss change (LOO)",
                title=f"depth {d}, wd {wd:g}: Pearson {tp['all']['pearson']:.2f}, Spearman {tp['all']['spearman']:.2f}")
 axes[0, 0].legend(fontsize="small")
 fig.tight_layout()

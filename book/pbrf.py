@@ -256,17 +256,9 @@ panels = [(gn_p, pb_a[fin], "Gauss-Newton influence", "PBRF change"),
           (h_p, pb_a[fin], "Hessian influence", "PBRF change")]
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
 for ax, (x, y, xl, yl) in zip(axes, panels, strict=True):
-    lim = np.abs(np.concatenate([x, y])).max() * 1.3
     ax.scatter(x, y, s=14, alpha=0.7)
-    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-    e10 = int(np.floor(np.log10(lim)))
-    ticks = [sign * 10.0 ** (e10 - j) for sign in (-1, 1) for j in (0, 2)] + [0]
-    labels = [f"{t:.0e}" if t else "0" for t in ticks]
-    ax.set_xscale("symlog", linthresh=lim * 1e-3)
-    ax.set_yscale("symlog", linthresh=lim * 1e-3)
-    ax.set_xticks(ticks, labels)
-    ax.set_yticks(ticks, labels)
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel=f"{xl} (predicted change)", ylabel=yl,
+    report.diagonal_symlog(ax, x, y, 1e-3)
+    ax.set(xlabel=f"{xl} (predicted change)", ylabel=yl,
            title=f"Pearson {corr(pearson, x, y):.2f}, Spearman {corr(spearman, x, y):.2f}")
 s0 = rec["setting"]
 fig.suptitle(f"depth {s0['depth']}, weight decay {s0['weight_decay']:g}, seed {s0['seed']}: highest-loss test point")

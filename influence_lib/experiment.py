@@ -202,6 +202,13 @@ def data_and_model(s: dict[str, Any]):
     return data, model
 
 
+def fit_setting(model, loss_fn, train: tuple[torch.Tensor, torch.Tensor], s: dict[str, Any],
+                progress: bool = False) -> dict[str, Any]:
+    """Train ``model`` in place to ``theta*`` with the training settings of the normalised setting ``s``."""
+    return train_model(model, loss_fn, train, weight_decay=s["weight_decay"], optimizer=s["optimizer"], lr=s["lr"],
+                       steps=s["steps"], batch_size=s["batch_size"], seed=s["seed"], progress=progress)
+
+
 def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
     """Run one setting and return its record (see the module docstring)."""
     s = normalize_setting(setting)
@@ -221,8 +228,7 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
 
     # training to theta* -------------------------------------------------------------------------
     t = time.perf_counter()
-    fit = train_model(model, loss_fn, train, weight_decay=s["weight_decay"], optimizer=s["optimizer"], lr=s["lr"],
-                      steps=s["steps"], batch_size=s["batch_size"], seed=s["seed"], progress=progress)
+    fit = fit_setting(model, loss_fn, train, s, progress)
     timings["train"] = time.perf_counter() - t
     with torch.no_grad():
         train_acc = float((model(data.X_train).argmax(1) == data.y_train).double().mean())

@@ -437,10 +437,9 @@ def run_lds_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[
     the actual and predicted group effects, and, for the highest-loss test point, both vectors across subsets.
     """
     from .curvature import eigenvalue_summary
-    from .experiment import LOSSES, data_and_model
+    from .experiment import LOSSES, data_and_model, fit_setting
     from .influence import InfluenceCalculator
     from .models import count_params, last_layer_params
-    from .retrain import train_model
     from .solvers import SolverError
 
     s = normalize_lds_setting(setting)
@@ -455,8 +454,7 @@ def run_lds_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[
     timings["data_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fit = train_model(model, loss_fn, train, weight_decay=s["weight_decay"], optimizer=s["optimizer"], lr=s["lr"],
-                      steps=s["steps"], batch_size=s["batch_size"], seed=s["seed"], progress=progress)
+    fit = fit_setting(model, loss_fn, train, s, progress)  # theta* exactly as experiment.run_setting trains it
     timings["train"] = time.perf_counter() - t
     with torch.no_grad():
         test_out = model(data.X_test)

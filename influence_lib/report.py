@@ -119,3 +119,21 @@ def line_ci(ax, agg, x: str, m: str, style: str = "o-", label_suffix: str = "") 
         mean = g[f"{m}_mean"].to_numpy()
         err = np.vstack([mean - g[f"{m}_lo"].to_numpy(), g[f"{m}_hi"].to_numpy() - mean])
         ax.errorbar(g[x], mean, yerr=err, fmt=style, color=f"C{i}", capsize=3, label=f"wd {wd:g}{label_suffix}")
+
+
+def diagonal_symlog(ax, x: np.ndarray, y: np.ndarray, linthresh_frac: float = 1e-4) -> None:
+    """Square symmetric-log axes for predicted (``x``) against actual (``y``) changes, with the diagonal.
+
+    Both axes span ``+-1.3 max|x, y|``, are linear within ``linthresh_frac`` of that range and carry ticks at
+    0, +-10^e and +-10^(e-2) (``10^e`` the largest power of ten inside the range).
+    """
+    lim = float(np.abs(np.concatenate([np.ravel(x), np.ravel(y)])).max()) * 1.3
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+    e = int(np.floor(np.log10(lim)))
+    ticks = [sign * 10.0 ** (e - j) for sign in (-1, 1) for j in (0, 2)] + [0]
+    labels = [f"{t:.0e}" if t else "0" for t in ticks]
+    ax.set_xscale("symlog", linthresh=lim * linthresh_frac)
+    ax.set_yscale("symlog", linthresh=lim * linthresh_frac)
+    ax.set_xticks(ticks, labels)
+    ax.set_yticks(ticks, labels)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
