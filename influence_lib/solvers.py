@@ -134,7 +134,8 @@ def ihvp_cg(
     non-positive curvature on the search space (CG needs a positive definite system: increase ``damping``)
     or if ``max_iter`` steps (default ``10 p``) are reached. ``info``: ``iterations`` (steps until each column
     converged), ``residual`` (final relative true residual per column), ``products`` (columns multiplied by
-    ``A``, including the residual checks) and ``block``.
+    ``A``, including the residual checks), ``block`` and ``max_directions`` (the widest search block used in
+    one step; at most ``rank(V)`` for block CG, because dependent directions are deflated).
     """
     check_nonneg("damping", damping)
     check_positive("tol", tol)
@@ -155,9 +156,10 @@ def ihvp_cg(
     X = torch.zeros_like(Vb) if x0 is None else x0.reshape(p, k).clone()
     R = Vb - apply(X) if x0 is not None else Vb.clone()
     run = _block_cg if block else _columnwise_cg
-    iters = run(apply, Vb, X, R, vnorm, tol, max_iter, damping)
+    iters, max_directions = run(apply, Vb, X, R, vnorm, tol, max_iter, damping)
     residual = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
-    info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block}
+    info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block,
+            "max_directions": max_directions}
     return (X.squeeze(1) if single else X), info
 
 
@@ -201,8 +203,9 @@ def _orth(Z: Tensor, floor: float) -> Tensor:
 
 
 def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
-              damping: float) -> Tensor:
-    """Block CG in place on ``X`` and ``R`` (see :func:`ihvp_cg`); returns the steps per column."""
+              damping: float) -> tuple[Tensor, int]:
+    """Block CG in place on ``X`` and ``R`` (see :func:`ihvp_cg`); returns the steps per column and the widest
+    search block."""
     k = Vb.shape[1]
     active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
     iters = torch.zeros(k, dtype=torch.long)
@@ -212,7 +215,7 @@ def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float
         return _orth(Z / vnorm[active], floor)
 
     P = directions(R[:, active])
-    it = 0
+    it = widest = 0
     while bool(active.any()):
         if P.shape[1] == 0:  # every direction deflated: go on from the true residual
             R[:, active] = Vb[:, active] - apply(X[:, active])
@@ -223,6 +226,7 @@ def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float
         if it >= max_iter:
             raise _max_iter_reached(apply, Vb, X, vnorm, tol, max_iter)
         it += 1
+        widest = max(widest, P.shape[1])
         AP = apply(P)
         PAP = P.T @ AP
         chol, bad = torch.linalg.cholesky_ex((PAP + PAP.T) / 2)
@@ -244,12 +248,13 @@ def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float
         Ra = R[:, active]
         b = -torch.cholesky_solve(AP.T @ Ra, chol)
         P = directions(Ra + P @ b)
-    return iters
+    return iters, widest
 
 
 def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
-                   damping: float) -> Tensor:
-    """``k`` independent CG recursions in place on ``X`` and ``R``; returns the steps per column."""
+                   damping: float) -> tuple[Tensor, int]:
+    """``k`` independent CG recursions in place on ``X`` and ``R``; returns the steps per column and the number
+    of search directions per step (``k``)."""
     k = Vb.shape[1]
     P = R.clone()
     rs = (R * R).sum(0)
@@ -289,7 +294,7 @@ def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: 
             beta = rs_new / rs[idx]
             P[:, idx] = R[:, idx] + beta * P[:, idx]
             rs[idx] = rs_new
-    return iters
+    return iters, int((vnorm > 0).sum())
 
 
 def ihvp_lissa(
