@@ -55,10 +55,10 @@
 # their cost by multiplying blocks of vectors on a gradient graph built once. The last section lists what else
 # was measured and why it was not adopted.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 results_dir = None  # default: benchmarks/results of the repository
 
-# %%
+# %% tags=["hide-input"]
 import json
 from pathlib import Path
 
@@ -67,9 +67,11 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-import influence_lib
+from influence_lib import experiments as ex
 
-RESULTS = Path(results_dir) if results_dir else Path(influence_lib.__file__).resolve().parent.parent / "benchmarks/results"
+ex.parameters(globals(), ['results_dir'])  # refuses unknown parameters, parses what papermill passes as text
+
+RESULTS = Path(results_dir) if results_dir else ex.book_root() / "benchmarks" / "results"
 
 
 def load(name):
@@ -97,7 +99,7 @@ def machine_text(rec):
 # %% [markdown]
 # ## `influence_lib` on its own (`bench_core.py`)
 
-# %%
+# %% tags=["hide-input"]
 if core is None:
     display(Markdown("**`benchmarks/results/core.json` is missing**: run `make bench` to create it."))
 else:
@@ -119,7 +121,7 @@ else:
                      f"speed-up is {worst:.1f}x, and both ways give the same numbers to "
                      f"{loo_df['max |difference|'].max():.0e}."))
 
-# %%
+# %% tags=["hide-input"]
 if core is not None:
     hv = pd.DataFrame([{"model": e["model"], "parameters": e["p"], "gradient (ms)": 1e3 * e["hvp"]["gradient_s"],
                         "HVP, graph rebuilt": e["hvp"]["ratio_hvp_rebuilt_over_grad"],
@@ -144,7 +146,7 @@ if core is not None:
 # %% [markdown]
 # ## Side by side with the anchor libraries (`compare.py`)
 
-# %%
+# %% tags=["hide-input"]
 if compare is None:
     display(Markdown("**`benchmarks/results/compare.json` is missing**, so there is no comparison on this build. "
                      "It is produced by `make bench-compare` in the benchmark virtualenv (see "
@@ -168,7 +170,7 @@ else:
 # (below 1: `influence_lib` is faster; 0.5 means twice as fast), next to both accuracies, since a ratio only
 # means something at comparable accuracy.
 
-# %%
+# %% tags=["hide-input"]
 if compare is not None:
     rat = pd.DataFrame(compare["ratios"])
     rat["ours / anchor"] = rat.get("time_ratio_ours_over_anchor")
@@ -205,7 +207,7 @@ if compare is not None:
             "of this section). The ratios move by up to about 30% between runs on this shared machine."
             if len(short) else ".")))
 
-# %%
+# %% tags=["hide-input"]
 if compare is not None:
     plot = res[res["status"] == "ok"].copy()
     plot["rel. error (floor 1e-16)"] = plot["rel_error"].clip(lower=1e-16)
@@ -222,7 +224,7 @@ if compare is not None:
 # `retrain_loo` calls a user-written training function once per point and saves every model to disk), and the
 # cost of one HVP relative to one gradient as each library computes it (a fresh operator per call):
 
-# %%
+# %% tags=["hide-input"]
 if compare is not None:
     lo = compare["loo"]
     lo_df = pd.DataFrame([{"way": k, **v} for k, v in lo["results"].items()])
@@ -244,7 +246,7 @@ if compare is not None:
 # interleaved in one process; (3) the number of CG steps to relative residual 1e-8 for the test gradients —
 # standard CG, block CG, and CG preconditioned with EK-FAC; (4) `torch.compile` of the product.
 
-# %%
+# %% tags=["hide-input"]
 if probes is None:
     display(Markdown("**`benchmarks/results/probes.json` is missing**: run `make bench-probes` to create it."))
 else:
@@ -287,7 +289,7 @@ else:
             f"{c['compile_s']:.0f} s to compile, then {c['compiled_ms_per_product']:.2f} ms per product against "
             f"{c['eager_ms_per_product']:.2f} ms eager (max difference {c['max_abs_diff']:.0e})."))
 
-# %%
+# %% tags=["hide-input"]
 if probes is not None:
     def ratio_of(name, way):
         e = next(e for e in probes["problems"] if e["name"] == name)

@@ -33,26 +33,34 @@
 # full retraining of the convolutional network. The defaults therefore use 100 training images, tiny widths
 # (4 channels) and a short warm-start retraining; they are parameters.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable
 seeds = None
 overrides = {}  # e.g. {"n_train": 1000, "loo_steps": 500, "width": 16}
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 dataset = "cifar10"  # requested dataset
 fallback = "fashion-mnist"  # used (and named) when the requested one is unavailable; None = fail instead
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from influence_lib import presets, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import presets, report
 
-prof = profile or sweep.profile()
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler', 'dataset', 'fallback'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
 settings = presets.settings("cnn", prof, {"dataset": dataset, "fallback": fallback, **overrides}, seeds)
-records = sweep.run_grid("cnn", settings, root=sweep.results_dir(prof), jobs=jobs)
-ok, failed = sweep.split_failed(records)
+records = ex.chapter_records("cnn", prof, settings=settings, jobs=jobs, scheduler=scheduler)[0]
+ok, failed = ex.split_failed(records)
+from myst_nb import glue  # noqa: E402
+
+glue("cnn_n_seeds", len({r["setting"]["seed"] for r in ok}), display=False)
+glue("cnn_n_points", max((len(r["test_points"]) for r in ok), default=0), display=False)
 display(Markdown("> **Which data produced these numbers.** " + report.provenance(records)))
 subs = {r["dataset"]["name"] for r in ok if r["dataset"]["substitute"]}
 if subs:
@@ -62,7 +70,11 @@ if subs:
                      f"variable, default `~/.cache/influence_lib`) and rerun."))
 display(Markdown("> **Compute.** " + report.runtime_summary(records) + f" Profile: `{prof}`."))
 for r in failed:
-    print("FAILED setting:", {k: r["setting"][k] for k in ("model", "depth", "params", "seed")}, r["error"])
+    print("FAILED setting:", {k: r["setting"].get(k) for k in ("model", "depth", "params", "seed")}, r["error"])
+if not ok:
+    raise RuntimeError("no CNN record could be computed, so this page has nothing to show; the first error: "
+                       + failed[0]["error"] + " (the Fashion-MNIST stand-in comes from the Debian package "
+                       "dataset-fashion-mnist, which `make setup` installs where it can)")
 
 # %% [markdown]
 # ## Result
@@ -71,8 +83,8 @@ for r in failed:
 # intervals. "mean |Spearman|" is the replication's metric; the signed mean is shown next to it because the
 # absolute value hides a wrong sign.
 
-# %%
-frame = sweep.to_frame(ok)
+# %% tags=["hide-input"]
+frame = ex.to_frame(ok)
 frame["scope"] = frame["params"].map({"all": "full network", "last": "last layer"})
 frame["params_influence"] = [r["model"]["n_params_influence"] for r in ok for _ in r["test_points"]]
 frame["abs_spearman"] = frame.spearman_all.abs()
@@ -100,7 +112,7 @@ display(pd.DataFrame({
     "grad norm": table.grad_norm.map(lambda v: f"{v:.1e}"),
 }).style.hide(axis="index"))
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 sns.stripplot(data=frame, x="model", y="spearman_all", hue="scope", dodge=True, size=8, ax=axes[0])
 axes[0].axhline(0, color="grey", lw=0.5)
@@ -118,7 +130,7 @@ axes[1].set(xlabel="predicted loss change", ylabel="actual (LOO) loss change",
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% tags=["hide-input"]
 display(Markdown(
     f"> **Reference values.** {ref['metric']} (Epifano et al. 2023): {ref['low']}–{ref['high']}. "
     "Measured here, mean |Spearman| (last-layer influence): "
@@ -130,7 +142,8 @@ display(Markdown(
 # %% [markdown]
 # ## What it means
 #
-# * Read the intervals first: with two examined test points, one seed and $k$ removed points per test
+# * Read the intervals first: with {glue:text}`cnn_n_points` examined test points per model,
+#   {glue:text}`cnn_n_seeds` seeds and $k$ removed points per test
 #   point, a single correlation is a noisy object — the test-point chapter shows how much it moves between
 #   test points, and the ground-truth chapter how much the LOO target itself moves.
 # * Check the gradient-norm column before reading a correlation: influence functions assume $\theta^*$ is

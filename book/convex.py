@@ -32,29 +32,32 @@
 # $-\frac{1}{n-1}\sum_{j\neq i}\mathcal{I}(z_j, z_t)$, a shift of the same size as the scores themselves.
 # It hardly changes a correlation, but it changes signs, so we show both.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable ("default" or "quick")
 seeds = None  # None: the preset's seeds
-overrides = {}  # any key of influence_lib.experiment.DEFAULTS, applied to every setting
+overrides = {}  # any key of influence_lib.experiments.settings.DEFAULTS, applied to every setting
 jobs = None  # worker processes for missing records (None: IL_JOBS or all cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from influence_lib import presets, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import report
+
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])  # refuses unknown parameters, parses what papermill passes as text
 
 sns.set_theme(style="whitegrid", context="notebook")
-prof = profile or sweep.profile()
-root = sweep.results_dir(prof)
-iris = sweep.run_grid("convex-iris", presets.settings("convex-iris", prof, overrides, seeds), root=root, jobs=jobs)
-mnist = sweep.run_grid("convex-mnist", presets.settings("convex-mnist", prof, overrides, seeds), root=root,
-                       jobs=jobs)
+prof = profile or ex.profile()
+root = ex.results_dir(prof)
+iris = ex.chapter_records("convex-iris", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
+mnist = ex.chapter_records("convex-mnist", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
 records = iris + mnist
-ok, failed = sweep.split_failed(records)
+ok, failed = ex.split_failed(records)
 display(Markdown(report.provenance(ok)))
 if failed:
     display(Markdown("**Failed settings:** " + "; ".join(f"`{r['error']}`" for r in failed)))
@@ -63,7 +66,7 @@ if failed:
 # ## Settings
 # The settings below are read from the records (profile shown in the first column).
 
-# %%
+# %% tags=["hide-input"]
 cols = ["dataset", "model", "weight_decay", "damping", "optimizer", "lr", "steps", "loo_optimizer", "loo_lr",
         "loo_steps", "loo_normalization", "remove", "k", "seed"]
 settings = pd.DataFrame([{"profile": prof, **{c: r["setting"][c] for c in cols},
@@ -76,8 +79,8 @@ display(settings)
 # Each panel shows, for one examined test point, the influence score of every removed training point
 # against the actual change of the test loss after retraining without it.
 
-# %%
-frame = sweep.to_frame(ok)
+# %% tags=["hide-input"]
+frame = ex.to_frame(ok)
 frame["data"] = frame["dataset_used"] + " / " + frame["loo_normalization"]
 
 
@@ -104,13 +107,13 @@ plt.show()
 # Mean and 95% interval (Student t over the examined test points and seeds) of the correlation between
 # predicted and actual changes, over all removed points and over the top-$k$ by $|$influence$|$.
 
-# %%
+# %% tags=["hide-input"]
 metrics = [c for c in frame.columns if c.startswith(("pearson_", "spearman_")) and "_vs_" not in c]
 agg = report.aggregate(frame, ["data"], metrics)
 table = agg[["data"] + [f"{m}_mean" for m in metrics]].rename(columns=lambda c: c.replace("_mean", ""))
 table.style.format(precision=3, na_rep="n/a")
 
-# %%
+# %% tags=["hide-input"]
 sign = []
 for r in ok:
     for tp in r["test_points"]:
@@ -129,7 +132,7 @@ pd.DataFrame(sign).groupby("data").mean().style.format(precision=3)
 # added to every row of the weights, the same constant to every bias). No gradient of a softmax loss has a
 # component there, and the Hessian's data term vanishes on them, so here a rank-10 inverse loses nothing.
 
-# %%
+# %% tags=["hide-input"]
 est_cols = [c for c in frame.columns if c.startswith("relerr_")]
 if est_cols:
     est = frame[frame["dataset_used"] == "iris"][est_cols].agg(["median", "max"]).T
@@ -143,7 +146,7 @@ if est_cols:
 # chapters that follow ask how far deep networks fall from them. A correlation below this baseline in a
 # later chapter is a property of the model, not of the code.
 
-# %%
+# %% tags=["hide-input"]
 full = frame[frame["loo_normalization"] == "full"]
 print(f"Convex baseline, exact-perturbation LOO: median Pearson {full['pearson_all'].median():.3f}, "
       f"median Spearman {full['spearman_all'].median():.3f} over {len(full)} (record, test point) pairs.")

@@ -26,29 +26,34 @@
 # points, which is what a correlation with predictions has to find — against the **noise** — the sd of the
 # *same* removal's loss change across seeds (or step counts), averaged over removals — and the size of the
 # predicted effect $\frac1n g_z^\top (H+\lambda I)^{-1} g_i$. We repeat this as the training set grows: the
-# effect of one point shrinks roughly like $1/n$, while SGD noise does not have to.
+# effect of one point carries a factor $1/n$ (so it would shrink like $1/n$ if the per-point gradients stayed the
+# same size, which they need not: the measured sizes are in the table below), while SGD noise does not have to.
 #
 # **ImageNet.** The chapter runs on an ImageNet-style folder (`train/<class>/*.jpg`, `val/<class>/*.jpg`)
 # when `imagenet_dir` is given; otherwise it says so below and runs the study on the offline MNIST digits.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable
 seeds = None  # training seeds of theta* (default [0])
-overrides = {}  # any noise-setting key, see influence_lib.noise.NOISE_DEFAULTS
+overrides = {}  # any noise-setting key, see influence_lib.experiments.noise.NOISE_DEFAULTS
 jobs = None  # unused (records are computed one at a time)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 dataset = "mnist-small"  # the offline data of the noise study
 imagenet_dir = None  # an ImageNet-style folder; None: not available on this machine
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from influence_lib import noise, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import noise, report
 
-prof = profile or sweep.profile()
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler', 'dataset', 'imagenet_dir'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
 if imagenet_dir is None:
     display(Markdown("> **No ImageNet folder was given** (`imagenet_dir = None`): ImageNet is not available "
                      "on this machine, so the noise study below runs on the offline data named in the next box. "
@@ -60,7 +65,7 @@ else:
                  "depth": 2, "width": 8, "dtype": "float32", "params": "last", "method": "exact",
                  "method_options": {}}
 settings = noise.noise_settings(prof, {**data_over, **overrides}, seeds)
-records = noise.run_noise_grid("ground-truth", settings, root=sweep.results_dir(prof))
+records = ex.chapter_records("ground-truth", prof, settings=settings, jobs=1, scheduler=scheduler)[0]
 ok = [r for r in records if "error" not in r]
 failed = [r for r in records if "error" in r]
 display(Markdown("> **Which data produced these numbers.** " + report.provenance(ok or records)))
@@ -76,7 +81,7 @@ for i, run in enumerate(runs):
 # %% [markdown]
 # ## Signal, noise and predicted effect as the training set grows
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for r in ok:
     for row in noise.noise_summary(r):
@@ -96,7 +101,7 @@ sci = {"|predicted| (mean)", "signal sd", "noise sd (seeds)", "noise sd (steps)"
 fmts = {c: ("{:.2e}" if c in sci else "{:.2f}") for c in cols.values() if c not in ("n", "test point", "removed")}
 display(summ[["dataset", *cols]].rename(columns=cols).style.format(fmts, na_rep="n/a").hide(axis="index"))
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 long = summ.melt(id_vars=["n_train", "role"], value_vars=["mean_abs_predicted", "signal_sd_seed", "noise_sd_seed",
                                                            "noise_sd_steps"], var_name="quantity")
@@ -122,7 +127,7 @@ plt.show()
 # are a thin basis: the number is an order of magnitude, printed to show the *direction* of the argument,
 # not as a result about ImageNet.
 
-# %%
+# %% tags=["hide-input"]
 for role, g in summ.groupby("role"):
     g = g.dropna(subset=["signal_sd_seed", "noise_sd_seed"])
     if g.n_train.nunique() < 2:
@@ -150,7 +155,9 @@ for role, g in summ.groupby("role"):
 # * The full-batch step-count comparison is a different, deterministic source of "noise": a warm-start LOO
 #   that has not converged measures the retraining protocol as much as the removal, one of the error terms
 #   in {cite}`bae2022`'s decomposition.
-# * As $n$ grows, the predicted effect of one point shrinks (the $1/n$ in the score). At ImageNet scale
+# * As $n$ grows, the score carries a factor $1/n$; whether the predicted effect of one point actually shrinks
+#   depends on how the per-point gradients change with $n$ (the table above shows the measured sizes). At ImageNet
+#   scale
 #   ($n \approx 1.3\times10^6$, trained with SGD) the effect of one image is far below the run-to-run
 #   variation of a retraining, so LOO as a ground truth needs many retrainings per removal (or a
 #   different target, such as the PBRF {cite}`bae2022` or group-removal scores) before it can grade an

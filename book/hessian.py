@@ -36,13 +36,14 @@
 # quadratic model that is accurate only in a tiny neighbourhood of $\theta^*$. A large top eigenvalue on its own
 # says the loss surface is sharply curved, so the quadratic approximation is accurate over a smaller distance.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: IL_PROFILE env var (default|quick)
 seeds = None  # None: the preset's seeds
-overrides = {}  # any setting of influence_lib.experiment.DEFAULTS, applied to every record
+overrides = {}  # any setting of influence_lib.experiments.settings.DEFAULTS, applied to every record
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 
-# %%
+# %% tags=["hide-input"]
 # %matplotlib inline
 import matplotlib.pyplot as plt
 import numpy as np
@@ -53,15 +54,17 @@ from matplotlib.ticker import NullFormatter
 from myst_nb import glue
 from scipy import stats
 
-from influence_lib import presets, report, sweep
-from influence_lib.report import fmt_ci, line_ci, slope_ci
+from influence_lib import experiments as ex
+from influence_lib.experiments import report
+from influence_lib.experiments.report import fmt_ci, line_ci, slope_ci
 
-prof = profile or sweep.profile()
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
 plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
-records = sweep.run_grid("iris", presets.settings("iris", prof, overrides, seeds),
-                         root=sweep.results_dir(prof), jobs=jobs)
-ok, failed = sweep.split_failed(records)
+records = ex.chapter_records("iris", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
+ok, failed = ex.split_failed(records)
 print(f"profile {prof!r}: {len(records)} records (the Iris chapter's), {len(ok)} succeeded, {len(failed)} failed")
 if failed:
     display(pd.DataFrame([{**{k: r["setting"][k] for k in ("depth", "width", "weight_decay", "seed")},
@@ -80,9 +83,9 @@ if failed:
 # *count* of negative eigenvalues includes tiny ones; the negative mass weights them by their size, and
 # $\lambda_{\min}$ compared with $-\lambda$ tells whether the damping removes them.
 
-# %%
+# %% tags=["hide-input"]
 KEYS = ["depth", "width", "weight_decay", "seed"]
-frame = sweep.to_frame(ok)
+frame = ex.to_frame(ok)
 frame["spearman_all"] = pd.to_numeric(frame["spearman_all"], errors="coerce")
 acc = frame.groupby(KEYS).spearman_all.mean().rename("spearman_mean_points")
 acc_hi = frame[frame.role == "highest"].set_index(KEYS).spearman_all.rename("spearman_highest")
@@ -114,7 +117,7 @@ print(f"{len(spec)} models; depth sweep at width {W0}, width sweep at depth {D0}
 # $10^{-16}$). In the $\lambda_{\min}$ panels the dotted line is $-\lambda$ (minus the damping): below it the
 # *damped* matrix $H + \lambda I$ is still indefinite.
 
-# %%
+# %% tags=["hide-input"]
 PANELS = [("log10_lambda_max", "log10 λ_max"), ("lambda_min", "λ_min (symlog)"),
           ("neg_fraction", "negative eigenvalues / parameters"), ("log10_negative_mass", "log10 negative mass"),
           ("log10_condition_abs", "log10 condition number")]
@@ -137,7 +140,7 @@ plt.show()
 # The same numbers per setting (mean over seeds; $\lambda_{\min} + \lambda < 0$ counts the models whose damped
 # Hessian is still indefinite):
 
-# %%
+# %% tags=["hide-input"]
 spec["damped_indefinite"] = spec.lambda_min + spec.damping < 0
 tab = spec.groupby(["depth", "width", "weight_decay"]).agg(
     params=("params", "first"), lambda_max=("lambda_max", "mean"), lambda_min=("lambda_min", "mean"),
@@ -159,7 +162,7 @@ print(f"{n_ind} of {len(spec)} models have λ_min < −damping (damped Hessian i
 # interval, the ratio of the mean top eigenvalue of the largest to that of the smallest model, and beside it the
 # slope of the accuracy (Spearman correlation, highest-loss test point) over the same models.
 
-# %%
+# %% tags=["hide-input"]
 claim = report.reference_values()["hessian_top_eigenvalue"]
 rows = []
 for x, part in sweeps.items():
@@ -189,7 +192,7 @@ print(f"claim ({claim['source']}): {claim['claim']}")
 # weight-decay value (weight decay changes both the spectrum and the accuracy, so the pooled correlation can be
 # driven by that alone).
 
-# %%
+# %% tags=["hide-input"]
 DIAG = [("lambda_max", "top eigenvalue λ_max"), ("negative_mass", "negative mass"),
         ("grad_norm", "final gradient norm"), ("condition_abs", "condition number")]
 spec["sweep"] = np.where(spec.depth > D0, "depth sweep", np.where(spec.width > W0, "width sweep", "base model"))
@@ -216,7 +219,7 @@ links = pd.DataFrame(rows).pivot_table(index=["diagnostic", "models"], columns="
 display(links.style.format("{:.2f}", subset=["rank corr."]).format("{:.3f}", subset=["p"])
         .format("{:.0f}", subset=["n"]))
 
-# %%
+# %% tags=["hide-input"]
 r_lmax = links.loc[("top eigenvalue λ_max", "all models"), ("rank corr.", "highest")]
 r_neg = links.loc[("negative mass", "all models"), ("rank corr.", "highest")]
 r_grad = links.loc[("final gradient norm", "all models"), ("rank corr.", "highest")]
@@ -244,6 +247,6 @@ print(f"rank correlation with the accuracy of the highest-loss point, over all m
 #
 # ## Provenance and compute
 
-# %%
+# %% tags=["hide-input"]
 print(report.runtime_summary(ok))
 display(Markdown(report.provenance(records)))

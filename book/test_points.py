@@ -24,32 +24,36 @@
 # data split, so the same test points are examined under each seed: the spread of the correlations can be
 # split into a test-point part, a seed part and the rest (a two-way decomposition of the sums of squares).
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable
 seeds = None  # None: the preset's seeds (two)
 overrides = {}  # e.g. {"n_train": 300, "n_test": 50, "n_random_test": 48}
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
+scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)
 dataset = "mnist-small"
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from influence_lib import presets, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import presets, report
 from influence_lib.metrics import spearman
 
-prof = profile or sweep.profile()
+ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler', 'dataset'])  # refuses unknown parameters, parses what papermill passes as text
+
+prof = profile or ex.profile()
 settings = presets.settings("test-points", prof, {"dataset": dataset, **overrides}, seeds)
-records = sweep.run_grid("test-points", settings, root=sweep.results_dir(prof), jobs=jobs)
-ok, failed = sweep.split_failed(records)
+records = ex.chapter_records("test-points", prof, settings=settings, jobs=jobs, scheduler=scheduler)[0]
+ok, failed = ex.split_failed(records)
 display(Markdown("> **Which data produced these numbers.** " + report.provenance(records)))
 display(Markdown("> **Compute.** " + report.runtime_summary(records) + f" Profile: `{prof}`."))
 for r in failed:
     print("FAILED setting:", {k: r["setting"][k] for k in ("depth", "width", "seed")}, r["error"])
-frame = sweep.to_frame(ok)
+frame = ex.to_frame(ok)
 frame["model"] = [f"MLP depth {d}, width {w}" for d, w in zip(frame.depth, frame.width, strict=True)]
 print(f"{len(frame)} (model, seed, test point) correlations; test points per model and seed: "
       f"{frame.groupby(['model', 'seed']).size().to_dict()}; every training point removed "
@@ -58,7 +62,7 @@ print(f"{len(frame)} (model, seed, test point) correlations; test points per mod
 # %% [markdown]
 # ## The distribution of correlations across test points
 
-# %%
+# %% tags=["hide-input"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 sns.violinplot(data=frame, x="model", y="spearman_all", inner=None, color="0.9", cut=0, ax=axes[0])
 sns.stripplot(data=frame, x="model", y="spearman_all", hue="role", hue_order=["random", "median", "highest"],
@@ -70,7 +74,7 @@ axes[1].set(xscale="log", ylabel="Spearman", xlabel="test loss at theta*", title
 plt.tight_layout()
 plt.show()
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for model, g in frame.groupby("model"):
     v = g.spearman_all.dropna()
@@ -90,7 +94,7 @@ display(pd.DataFrame(rows).style.format(precision=2).hide(axis="index"))
 # interaction: a test point that is easy under one seed and hard under another). The last column asks
 # directly whether a test point that is well predicted under one seed is well predicted under the other.
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for model, g in frame.groupby("model"):
     M = g.pivot_table(index="test_index", columns="seed", values="spearman_all").dropna()

@@ -32,7 +32,7 @@
 # much the choice of points and of test point moves it, and (e) whether the paper's depth and weight-decay verdicts
 # survive a change of procedure. All computation uses `influence_lib.procedures`; nothing is retrained.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = None  # None: IL_PROFILE env var (default|quick)
 seed = 0  # seed of every random draw on this page (random subsets, random-k procedures)
 n_draws = 500  # random subsets per (model, test point, k) for the sampling-noise and |rho| sections
@@ -40,7 +40,7 @@ ks = [5, 10, 25, 50, 120]  # subset sizes for the sampling-noise section (values
 k_ref = 25  # the k of the top-k / random-k procedures (the replication's Iris k)
 n_verdict_draws = 20  # independent random-k validations whose verdicts are tallied in section (e)
 
-# %%
+# %% tags=["hide-input"]
 # %matplotlib inline
 import time
 
@@ -50,20 +50,23 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 
-from influence_lib import procedures, report, sweep
+from influence_lib import experiments as ex
+from influence_lib.experiments import procedures, report
+from influence_lib.experiments.report import fmt_ci
 from influence_lib.metrics import mean_ci
-from influence_lib.report import fmt_ci
+
+ex.parameters(globals(), ['profile', 'seed', 'n_draws', 'ks', 'k_ref', 'n_verdict_draws'])  # refuses unknown parameters, parses what papermill passes as text
 
 t_start = time.time()
-prof = profile or sweep.profile()
+prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
 plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
-root = sweep.results_dir(prof)
-records = sweep.load_records("iris", root)
+root = ex.results_dir(prof)
+records = ex.chapter_records("iris", prof)[0]
 if not records:
     raise FileNotFoundError(f"no Iris records under {root / 'iris'}: execute book/iris.py with IL_PROFILE={prof} "
                             "first (this page only reads records)")
-ok, failed = sweep.split_failed(records)
+ok, failed = ex.split_failed(records)
 full = [r for r in ok if len(r["removed"]) == r["dataset"]["n_train"]]  # every training point removed
 n = full[0]["dataset"]["n_train"]
 S = pd.DataFrame([r["setting"] for r in full])
@@ -101,7 +104,7 @@ if few:
 # panel shows the whole distribution for one typical model and test point (the pair whose all-point $\rho$ is the
 # median of all pairs).
 
-# %%
+# %% tags=["hide-input"]
 rows, draws = [], {}
 rng_null = np.random.default_rng(seed)
 for i, r in enumerate(full):
@@ -140,15 +143,15 @@ ax.set(xlabel="k (points per validation)", ylabel="spread of Spearman ρ_k", xsc
 ax.set_xticks(ks, [str(k) for k in ks])
 ax.legend(fontsize="small")
 med_row = defined[defined.k == ks[0]].sort_values("rho_n").iloc[len(defined[defined.k == ks[0]]) // 2]
-ex = (int(med_row.rec), int(med_row.point))
-parts = [draws[(*ex, k)][np.isfinite(draws[(*ex, k)])] for k in ks]
+example = (int(med_row.rec), int(med_row.point))
+parts = [draws[(*example, k)][np.isfinite(draws[(*example, k)])] for k in ks]
 axes[1].violinplot(parts, positions=range(len(ks)), showextrema=False)
 axes[1].axhline(med_row.rho_n, color="C1", ls="--", label=f"all {n} points: ρ = {med_row.rho_n:.2f}")
 axes[1].set_xticks(range(len(ks)), [str(k) for k in ks])
-ex_s = full[ex[0]]["setting"]
+ex_s = full[example[0]]["setting"]
 axes[1].set(xlabel="k", ylabel="ρ_k over random subsets", ylim=(-1.05, 1.05),
             title=f"depth {ex_s['depth']}, width {ex_s['width']}, wd {ex_s['weight_decay']:g}, seed {ex_s['seed']}, "
-                  f"{full[ex[0]]['test_points'][ex[1]]['role']} test point")
+                  f"{full[example[0]]['test_points'][example[1]]['role']} test point")
 axes[1].legend(fontsize="small")
 fig.tight_layout()
 plt.show()
@@ -176,7 +179,7 @@ if a25 is not None:
 # $\mathbb{E}|\rho_k|$ is not 0 but the mean absolute Spearman of $k$ independent pairs, computed here from random
 # permutations (dotted line in the figure).
 
-# %%
+# %% tags=["hide-input"]
 perms = np.random.default_rng(seed).permuted(np.tile(np.arange(k_ref), (20000, 1)), axis=1)
 null_abs = float(np.abs(1 - 6 * ((perms - np.arange(k_ref)) ** 2).sum(1) / (k_ref * (k_ref ** 2 - 1))).mean())
 b = defined[defined.k == k_ref].copy()
@@ -222,7 +225,7 @@ display(Markdown(
 # The same holds one level up: averaging $|\rho|$ over the test points of a model (or over runs) instead of $\rho$.
 # Per model, the mean over its five test points of $|\rho_n|$ against $|\text{mean of } \rho_n|$:
 
-# %%
+# %% tags=["hide-input"]
 tab_all = procedures.accuracy_table(full, "spearman", "all")
 tab_all["abs_value"] = tab_all.value.abs()
 pm = tab_all.groupby(KEYS).agg(signed=("value", "mean"), absolute=("abs_value", "mean")).reset_index()
@@ -242,7 +245,7 @@ display(pm_out.rename(columns={"weight_decay": "weight decay", "mean_signed": f"
 # $k$ = `k_ref`: Spearman over all $n$ points, over the top $k$ by $|\text{predicted}|$, over one random $k$-subset
 # (`procedures.accuracy_table`, seeded), and over the top $k$ by training loss (the value stored in the record).
 
-# %%
+# %% tags=["hide-input"]
 def stored_table(recs, subset, metric):
     """Like procedures.accuracy_table, for a correlation stored in the records (no vectors needed)."""
     out = []
@@ -295,7 +298,7 @@ display(pd.DataFrame(rows).style.hide(axis="index"))
 # examines the highest-loss point. Spearman over all $n$ points, by role (the random role pools three test points per
 # model), and the paired difference of the highest-loss point against the other points of the same model:
 
-# %%
+# %% tags=["hide-input"]
 t = tab_all.copy()
 t["wd"] = t.weight_decay.map(lambda w: f"wd {w:g}")
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -333,7 +336,7 @@ display(Markdown(f"Within one model, ρ over the five examined test points spans
 # the other way, and "not resolved" otherwise. Procedure 1 is this book's default (the claim table of the
 # introduction); "random" procedures use one seeded draw per test point.
 
-# %%
+# %% tags=["hide-input"]
 K = k_ref
 PROCS = [  # (label, metric, rule or stored subset, k, roles)
     ("1. ρ, all n, mean over 5 test points (this book)", "spearman", "all", None, None),
@@ -383,7 +386,7 @@ for label, metric, rule, k, roles in PROCS:
 verdicts = pd.DataFrame(rows)
 display(verdicts.style.hide(axis="index").set_properties(**{"text-align": "left"}))
 
-# %%
+# %% tags=["hide-input"]
 effect_names = [c for c in verdicts.columns if c != "procedure"]
 tally = pd.DataFrame({name: pd.Series([short(E[p][name]["verdict"]) for p in E if name in E[p]]).value_counts()
                       for name in effect_names}).fillna(0).astype(int)
@@ -419,7 +422,7 @@ plt.show()
 # table tallies the verdicts of `n_verdict_draws` independent random-$k$ validations (Spearman, highest-loss test
 # point, procedure 11 with other seeds):
 
-# %%
+# %% tags=["hide-input"]
 tallies = []
 for s in range(seed, seed + n_verdict_draws):
     e = procedures.effects(procedures.per_model(table_for("spearman", "random", K, s), ["highest"]), depth_width=W0)
@@ -433,8 +436,8 @@ display(pd.DataFrame(tallies).apply(lambda col: col.value_counts()).fillna(0).as
 # The small-MNIST records of {doc}`mnist` hold only the top-$k$ removals, so only the metric can be varied there: the
 # mean of $\rho$ against the mean of $|\rho|$ over the stored top-$k$ subsets.
 
-# %%
-mn = [r for r in sweep.load_records("mnist", root) if "error" not in r]
+# %% tags=["hide-input"]
+mn = [r for r in ex.chapter_records("mnist", prof)[0] if "error" not in r]
 rows = []
 for r in mn:
     for tp in r["test_points"]:
@@ -456,7 +459,7 @@ else:
 #
 # The summary below is generated from the tables above.
 
-# %%
+# %% tags=["hide-input"]
 lines = []
 if a25 is not None:
     lines.append(f"- **Noise of a {k_ref}-point validation.** The median standard deviation of a random {k_ref}-point "

@@ -11,7 +11,6 @@ Sign convention: a score is the predicted change of the test loss when the train
 (positive = the point helped the test prediction); it includes the 1/n of the mean loss.
 """
 
-from . import procedures  # validation procedures of the accuracy of influence (select, agreement, effects)
 from .curvature import (
     DenseOperator,
     GaussNewtonOperator,
@@ -35,8 +34,10 @@ from .lds import (
     subset_retrain,
 )
 from .metrics import bootstrap_ci, mean_ci, pearson, spearman, top_k
+from .newton import NewtonConvergenceError, NewtonResult, newton_minimize, newton_polish
 from .objective import Objective, flat_params, set_flat_params
 from .pbrf import PBRF, PBRFResult, pbrf_response, pbrf_retrain
+from .preconditioned import ihvp_pcg
 from .retrain import LOOResult, TrainConfig, fit_stacked, loo_retrain, minimize_stacked, retrain_without, train_model
 from .solvers import (
     METHODS,
@@ -52,14 +53,13 @@ from .validation import NonFiniteError
 __version__ = "0.1.0"
 
 __all__ = [
-    "procedures",
     "METHODS", "DenseOperator", "EKFACSolver", "GaussNewtonOperator", "HessianOperator", "InfluenceCalculator",
     "LDSResult", "LOOResult", "LinearOperator", "SubsetRetrainResult", "group_predictions",
     "linear_datamodeling_score", "retrain_subsets", "sample_subsets", "subset_retrain",
     "LissaDivergenceError", "NonFiniteError", "Objective", "PBRF", "PBRFResult", "SolverError",
     "minimize_stacked", "pbrf_response", "pbrf_retrain",
-    "TrainConfig",
+    "TrainConfig", "NewtonConvergenceError", "NewtonResult", "newton_minimize", "newton_polish",
     "bootstrap_ci", "extreme_eigenvalues", "fit_stacked", "flat_params", "hessian", "hvp", "ihvp_arnoldi",
-    "ihvp_cg", "ihvp_exact", "ihvp_lissa", "influence", "lanczos", "loo_retrain", "mean_ci", "pearson",
+    "ihvp_cg", "ihvp_pcg", "ihvp_exact", "ihvp_lissa", "influence", "lanczos", "loo_retrain", "mean_ci", "pearson",
     "retrain_without", "set_flat_params", "spearman", "spectrum_summary", "top_k", "train_model",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .objective import HVP_BLOCK, ONE_BLOCK_MAX_P, LossFn, Objective, dense_from_products
-from .validation import check_positive_int
+from .validation import check_data, check_finite, check_finite_params, check_positive_int
 
 
 class LinearOperator:
@@ -158,8 +158,8 @@ def hessian(
     Parameters are flattened in ``model.parameters()`` order (or the order of ``params``), at their
     current values; the result has the model's dtype and device.
     """
-    obj = Objective(model, loss_fn, *data, weight_decay=weight_decay, params=params, chunk_size=chunk_size)
-    return obj.hessian(obj.theta())
+    obj = _objective(model, loss_fn, data, weight_decay, params, chunk_size)
+    return check_finite("hessian: the Hessian", obj.hessian(obj.theta()))
 
 
 def hvp(
@@ -173,8 +173,23 @@ def hvp(
     chunk_size: int | None = None,
 ) -> Tensor:
     """Hessian-vector product ``H v`` (``v``: ``[p]`` or ``[p, k]``) of the same objective as :func:`hessian`."""
-    obj = Objective(model, loss_fn, *data, weight_decay=weight_decay, params=params, chunk_size=chunk_size)
-    return obj.hvp(obj.theta(), v.to(dtype=obj.theta().dtype))
+    obj = _objective(model, loss_fn, data, weight_decay, params, chunk_size)
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.dim() not in (1, 2) or v.shape[0] != obj.p:
+        got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"v must be a floating-point tensor of shape [{obj.p}] or [{obj.p}, k] (p = the number of "
+                         f"parameters), got {got}")
+    check_finite("v", v)
+    return check_finite("hvp: the Hessian-vector product", obj.hvp(obj.theta(), v.to(dtype=obj.theta().dtype,
+                                                                                       device=obj.theta().device)))
+
+
+def _objective(model: nn.Module, loss_fn: LossFn, data: tuple[Tensor, Tensor], weight_decay: float,
+               params: Sequence[str] | None, chunk_size: int | None) -> Objective:
+    """The objective of :func:`hessian` / :func:`hvp`; refuses bad data and non-finite parameters up front."""
+    X, y = check_data("data", data)
+    obj = Objective(model, loss_fn, X, y, weight_decay=weight_decay, params=params, chunk_size=chunk_size)
+    check_finite_params("model parameters", obj.theta())
+    return obj
 
 
 def lanczos(

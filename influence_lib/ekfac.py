@@ -18,7 +18,20 @@ in that eigenbasis. Blocks of different layers are treated as independent (block
     (G + (wd + damping) I)^{-1} v   =   per layer:  Q_S [ (Q_S^T V_l Q_A) / (Lambda_l + wd + damping) ] Q_A^T,
 
 the same damping convention as every other solver (weight decay is part of the curvature). Supported: ``nn.Linear``
-and ``nn.Conv2d`` (``groups=1``, zero padding); any other selected parameter raises a ``ValueError`` naming it.
+and ``nn.Conv2d`` (``groups=1``, zero padding, each layer called once per forward pass); any other selected
+parameter raises a ``ValueError`` naming it.
+
+Cost and memory (what makes it usable at scale): fitting is two passes over the training data, scoring one more.
+Every pass works on chunks of rows with batched per-layer tensor products: layer inputs from forward hooks,
+backpropagated vectors from ``autograd.grad`` into the layer outputs (one backward per column of ``B``, batched
+over the rows), corrected eigenvalues from the rotated rows (``(a Q_A)``, ``(g Q_S)``) without any per-example
+Python loop. Scores are computed layer by layer: ``score_ti = sum_l <W_tl, G_il>`` with ``W_tl`` the
+preconditioned test gradient of layer ``l`` and ``G_il`` the per-example gradient of that layer, formed for one
+chunk of training rows at a time, so no ``[n, p]`` matrix of gradients exists. The chunk is the objective's
+``chunk_size`` or what fits ``memory_budget`` bytes. ``samples=s`` replaces the ``C`` exact columns of ``B_i`` by
+``s`` random-sign combinations ``B_i eps / sqrt(s)`` (Rademacher ``eps``; ``E[r r^T] = B_i B_i^T``), an unbiased
+estimate of the same factors and eigenvalues (like the sampled-label Fisher of kronfluence) with ``s`` instead of
+``C`` backward columns per pass; the default ``None`` is exact.
 """
 
 from __future__ import annotations
@@ -29,10 +42,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import hessian, vmap
+from torch.func import grad, hessian, vmap
 
 from .objective import Objective
-from .validation import check_nonneg
+from .validation import check_finite, check_nonneg, check_positive_int
 
 
 @dataclass
@@ -105,75 +118,189 @@ def _loss_hessian_sqrt(objective: Objective, f: Tensor, y: Tensor) -> Tensor:
     return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
 
 
+#: Default bound, in bytes, on the intermediates of one chunk of rows (layer inputs and backpropagated columns
+#: of every layer, per-example layer gradients) when the objective sets no ``chunk_size``.
+MEMORY_BUDGET = 256 * 2**20
+
+
 class EKFACSolver:
     """``(G_EKFAC + (wd + damping) I)^{-1} V`` for the selected Linear/Conv2d parameters (see the module docstring).
 
-    Fitting costs two passes over the training data, each with one backward pass per output dimension.
-    ``chunk_size`` of the objective bounds the memory (rows per pass).
+    Fitting is two passes over the training data (the K-FAC factors, then the corrected eigenvalues), each one
+    forward and one batched backward pass per chunk with one column per output dimension (the exact Gauss-Newton
+    matrix; ``samples=s``: ``s`` random-sign columns instead, see the module docstring); :meth:`scores` is a third
+    pass with one backward column. All per-layer work is
+    batched over the rows of a chunk (forward hooks for the inputs, ``autograd.grad`` into the layer outputs for
+    the backpropagated vectors). Memory: ``chunk_size`` of the objective rows at a time, or, without it, as many
+    rows as fit ``memory_budget`` bytes of intermediates; nothing of size ``[n, p]`` is ever formed. Results do
+    not depend on the chunking (up to floating-point summation order).
     """
 
-    def __init__(self, objective: Objective, theta: Tensor | None = None, damping: float = 0.0):
+    def __init__(self, objective: Objective, theta: Tensor | None = None, damping: float = 0.0, *,
+                 samples: int | None = None, seed: int = 0, memory_budget: int | None = None):
         check_nonneg("damping", damping)
+        if memory_budget is not None:
+            check_positive_int("memory_budget", memory_budget)
+        if samples is not None:
+            check_positive_int("samples", samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         self.objective, self.damping = objective, damping
+        self.samples, self.seed = samples, seed
+        self.memory_budget = MEMORY_BUDGET if memory_budget is None else memory_budget
         self.theta = (objective.theta() if theta is None else theta).detach()
         self.layers = _layers(objective)
         self.QA: list[Tensor] = []
         self.QS: list[Tensor] = []
         self.Lam: list[Tensor] = []
+        self.passes = 0  # passes over the training data so far (fit: 2; each call of scores: 1 more)
+        self.rows = self._chunk_rows()
         self._fit()
 
-    # --- fitting ------------------------------------------------------------------------------------------
-    def _passes(self):
-        """Yield ``[(a, [g_k ...]) per layer]`` for each data chunk: inputs and the backpropagated columns."""
+    # --- batched per-layer pieces -------------------------------------------------------------------------
+    def _forward(self, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``)."""
+        inputs: dict[int, Tensor] = {}
+        outputs: dict[int, Tensor] = {}
+
+        def hook(i):
+            def fn(_m, inp, out):
+                if i in outputs:
+                    raise ValueError(f"method='ekfac': layer {self.layers[i].weight.removesuffix('.weight')!r} is "
+                                     "called more than once per forward pass (shared weights are not supported)")
+                inputs[i], outputs[i] = inp[0].detach(), out
+            return fn
+
+        handles = [L.module.register_forward_hook(hook(i)) for i, L in enumerate(self.layers)]
+        try:
+            with torch.enable_grad():
+                leaf = self.theta.clone().requires_grad_(True)
+                f = self.objective.forward(leaf, X)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [L.weight for i, L in enumerate(self.layers) if i not in outputs]
+        if missing:
+            raise ValueError(f"method='ekfac': the layers of {missing} are not called by the model's forward pass")
+        n = len(self.layers)
+        return f, [_rows(L, inputs[i]) for i, L in enumerate(self.layers)], [outputs[i] for i in range(n)]
+
+    def _backprop(self, f: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor]:
+        """Per layer ``[K, b, T, out]``: the output-space vectors ``cols`` ``[b, C, K]`` pulled back to the layer
+        outputs (one backward pass per column on the kept graph; batched over the rows)."""
+        K = cols.shape[2]
+        per = [[] for _ in self.layers]
+        for k in range(K):
+            gs = torch.autograd.grad(f, outs, grad_outputs=cols[:, :, k], retain_graph=k < K - 1)
+            for i, (L, g) in enumerate(zip(self.layers, gs, strict=True)):
+                per[i].append(_grad_rows(L, g))
+        return [torch.stack(p) for p in per]
+
+    def _columns(self, f: Tensor, sl: slice, signs: Tensor | None) -> Tensor:
+        """Output-space columns ``[b, C, K]`` whose outer products sum to the loss Hessian of each row: the ``C``
+        columns of its square root (exact), or ``samples`` random-sign combinations of them scaled by
+        ``1/sqrt(samples)`` (unbiased: ``E[r r^T] = B B^T`` for Rademacher signs)."""
+        B = _loss_hessian_sqrt(self.objective, f.detach(), self.objective.y[sl])
+        if signs is None:
+            return B
+        return B @ signs[sl].to(B) / self.samples ** 0.5
+
+    def _signs(self, K: int) -> Tensor | None:
+        """Rademacher signs ``[n, K, samples]`` for one pass, drawn for all rows at once (chunking does not
+        change them)."""
+        if self.samples is None:
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 * self.passes)
+        signs = torch.randint(0, 2, (self.objective.n, K, self.samples), generator=gen, dtype=torch.int8)
+        return (2 * signs - 1).to(self.theta.device)
+
+    def _chunk_rows(self) -> int:
+        """Rows per chunk: the objective's ``chunk_size``, else what fits :attr:`memory_budget`."""
         obj = self.objective
-        for sl in obj.chunks():
-            X, y = obj.X[sl], obj.y[sl]
-            inputs: dict[int, Tensor] = {}
-            outputs: dict[int, Tensor] = {}
+        if obj.chunk_size is not None:
+            return obj.chunk_size
+        f, a, outs = self._forward(obj.X[:1])
+        K, per_row = f[0].numel(), 0
+        for L, ai, o in zip(self.layers, a, outs, strict=True):
+            T = ai.shape[1]
+            # inputs and rotated inputs, K backpropagated columns and their rotations, one [out, cols] gradient
+            per_row += 2 * T * L.cols + 2 * K * T * L.out + 2 * L.out * L.cols + 3 * o.numel()
+        per_row *= self.theta.element_size()
+        return max(1, min(obj.n, self.memory_budget // max(per_row, 1)))
 
-            def hook(i, inputs=inputs, outputs=outputs):
-                def fn(_m, inp, out):
-                    inputs[i], outputs[i] = inp[0].detach(), out
-                return fn
+    def _chunks(self, n: int):
+        for start in range(0, n, self.rows):
+            yield slice(start, min(start + self.rows, n))
 
-            handles = [L.module.register_forward_hook(hook(i)) for i, L in enumerate(self.layers)]
-            try:
-                with torch.enable_grad():
-                    leaf = self.theta.clone().requires_grad_(True)
-                    f = obj.forward(leaf, X)
-            finally:
-                for h in handles:
-                    h.remove()
-            B = _loss_hessian_sqrt(obj, f.detach(), y)  # [b, C, K]
-            outs = [outputs[i] for i in range(len(self.layers))]
-            grads = [[] for _ in self.layers]
-            for k in range(B.shape[2]):
-                gs = torch.autograd.grad(f, outs, grad_outputs=B[:, :, k], retain_graph=k < B.shape[2] - 1)
-                for i, (L, g) in enumerate(zip(self.layers, gs, strict=True)):
-                    grads[i].append(_grad_rows(L, g))
-            yield [(_rows(L, inputs[i]), grads[i]) for i, L in enumerate(self.layers)]
+    def _layer_grads(self, X: Tensor, y: Tensor) -> list[Tensor]:
+        """Per-example loss gradients of every layer, ``[b, out, cols]`` (no weight decay)."""
+        f, a, outs = self._forward(X)
+        loss_fn = self.objective.loss_fn
+        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
+        g = self._backprop(f, outs, dl.reshape(dl.shape[0], -1, 1))
+        return [torch.bmm(gi[0].transpose(1, 2), ai) for gi, ai in zip(g, a, strict=True)]
 
+    # --- fitting ------------------------------------------------------------------------------------------
     def _fit(self) -> None:
+        obj = self.objective
         dt, dev = self.theta.dtype, self.theta.device
         A = [torch.zeros(L.cols, L.cols, dtype=dt, device=dev) for L in self.layers]
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
-        for chunk in self._passes():
-            for i, (a, gk) in enumerate(chunk):
-                a2 = a.reshape(-1, a.shape[-1])
+        C = self._forward(obj.X[:1])[0][0].numel()
+        signs = self._signs(C)
+        for sl in self._chunks(obj.n):
+            f, a, outs = self._forward(obj.X[sl])
+            g = self._backprop(f, outs, self._columns(f, sl, signs))
+            for i, (ai, gi) in enumerate(zip(a, g, strict=True)):
+                a2, g2 = ai.reshape(-1, ai.shape[-1]), gi.reshape(-1, gi.shape[-1])
                 A[i] += a2.T @ a2
-                for g in gk:
-                    g2 = g.reshape(-1, g.shape[-1])
-                    S[i] += g2.T @ g2
+                S[i] += g2.T @ g2
+        self.passes += 1
         # the factors only fix the eigenbasis; their scale does not matter (the eigenvalues are refitted)
         self.QA = [torch.linalg.eigh(M)[1] for M in A]
         self.QS = [torch.linalg.eigh(M)[1] for M in S]
         Lam = [torch.zeros(L.out, L.cols, dtype=dt, device=dev) for L in self.layers]
-        for chunk in self._passes():
-            for i, (a, gk) in enumerate(chunk):
-                for g in gk:
-                    G = torch.einsum("bto,btd->bod", g, a)  # per-example weight gradients [b, out, cols]
-                    Lam[i] += (self.QS[i].T @ G @ self.QA[i]).square().sum(0)
-        self.Lam = [L / self.objective.n for L in Lam]
+        signs = self._signs(C)
+        for sl in self._chunks(obj.n):
+            f, a, outs = self._forward(obj.X[sl])
+            g = self._backprop(f, outs, self._columns(f, sl, signs))
+            for i, (L, ai, gi) in enumerate(zip(self.layers, a, g, strict=True)):
+                QA, QS = self.QA[i], self.QS[i]
+                K, T = gi.shape[0], ai.shape[1]
+                if T == 1:  # one row per example: (g a^T)^2 = g^2 (a^2)^T, no [b, out, cols] needed
+                    Lam[i] += torch.einsum("kbo,bd->od", (gi[:, :, 0] @ QS).square(), (ai[:, 0] @ QA).square())
+                elif T * L.cols <= K * L.out * (L.out + L.cols):  # rotate the inputs once, then K products
+                    ar, gr = ai @ QA, gi @ QS  # rows in the eigenbasis: [b, T, cols], [K, b, T, out]
+                    for gk in gr:
+                        Lam[i] += torch.bmm(gk.transpose(1, 2), ar).square().sum(0)
+                else:  # few columns, many positions: form each [out, cols] gradient, then rotate it
+                    for gk in gi:
+                        Lam[i] += (QS.T @ torch.bmm(gk.transpose(1, 2), ai) @ QA).square().sum(0)
+        self.passes += 1
+        self.Lam = [L / obj.n for L in Lam]
+
+    # --- scores, layer by layer ---------------------------------------------------------------------------
+    def scores(self, X_test: Tensor, y_test: Tensor) -> Tensor:
+        """``[m, n]``: ``g_t^T (G_EKFAC + (wd + damping) I)^{-1} g_i`` for every test row ``t`` and training point
+        ``i`` (without the ``1/n``), as a sum over layers of per-layer inner products with the preconditioned
+        test gradients. Memory: one chunk of ``[rows, out, cols]`` per-example gradients per layer."""
+        self._check_nonsingular()
+        shift = self.objective.weight_decay + self.damping
+        W = [[] for _ in self.layers]
+        for sl in self._chunks(X_test.shape[0]):
+            for i, G in enumerate(self._layer_grads(X_test[sl], y_test[sl])):
+                W[i].append(G)
+        W = [torch.cat(w) for w in W]
+        check_finite("per-example test gradients", torch.cat([w.reshape(w.shape[0], -1) for w in W], 1))
+        W = [(QS @ ((QS.T @ w @ QA) / (Lam + shift)) @ QA.T).reshape(w.shape[0], -1)
+             for w, QA, QS, Lam in zip(W, self.QA, self.QS, self.Lam, strict=True)]
+        obj = self.objective
+        out = []
+        for sl in self._chunks(obj.n):
+            Gs = self._layer_grads(obj.X[sl], obj.y[sl])
+            out.append(sum(w @ G.reshape(G.shape[0], -1).T for w, G in zip(W, Gs, strict=True)))
+        self.passes += 1
+        return torch.cat(out, dim=1)
 
     # --- solving ------------------------------------------------------------------------------------------
     def _blocks(self, V: Tensor) -> list[Tensor]:
@@ -194,26 +321,34 @@ class EKFACSolver:
                 X[L.b_slice] = W[:, :, L.d_in].T
         return X
 
-    def _apply(self, V: Tensor, power: int) -> Tensor:
+    def _apply(self, V: Tensor, power: float) -> Tensor:
         single = V.dim() == 1
         Vm = V.unsqueeze(1) if single else V
         shift = self.objective.weight_decay + self.damping
         out = []
         for W, QA, QS, Lam in zip(self._blocks(Vm), self.QA, self.QS, self.Lam, strict=True):
             R = QS.T @ W @ QA
-            R = R * (Lam + shift) if power == 1 else R / (Lam + shift)
+            R = R * (Lam + shift) if power == 1 else R / (Lam + shift) if power == -1 else R * (Lam + shift) ** power
             out.append(QS @ R @ QA.T)
         X = self._unblocks(out, Vm)
         return X.squeeze(1) if single else X
 
-    def solve(self, V: Tensor) -> Tensor:
-        """``(G_EKFAC + (wd + damping) I)^{-1} V`` for ``V`` ``[p]`` or ``[p, m]``."""
+    def _check_nonsingular(self) -> None:
         shift = self.objective.weight_decay + self.damping
         top = max(float(L.max()) for L in self.Lam) + shift
         if min(float(L.min()) for L in self.Lam) + shift <= 1e-12 * top:
             raise ValueError("method='ekfac': the approximation is singular (an eigenvalue is 0 and weight_decay + "
                              "damping is 0); set damping > 0")
+
+    def solve(self, V: Tensor) -> Tensor:
+        """``(G_EKFAC + (wd + damping) I)^{-1} V`` for ``V`` ``[p]`` or ``[p, m]``."""
+        self._check_nonsingular()
         return self._apply(V, -1)
+
+    def inv_sqrt(self, V: Tensor) -> Tensor:
+        """``(G_EKFAC + (wd + damping) I)^{-1/2} V`` (a symmetric split preconditioner for CG)."""
+        self._check_nonsingular()
+        return self._apply(V, -0.5)
 
     def matmat(self, V: Tensor) -> Tensor:
         """``(G_EKFAC + (wd + damping) I) V`` (for tests and diagnostics)."""

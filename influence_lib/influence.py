@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .curvature import GaussNewtonOperator, HessianOperator, LinearOperator
 from .ekfac import EKFACSolver
 from .objective import LossFn, Objective
+from .preconditioned import ihvp_pcg
 from .solvers import (
     METHODS,
     SOLVER_OPTIONS,
@@ -36,9 +37,13 @@ from .solvers import (
     ihvp_cg,
     ihvp_lissa,
 )
+from .streaming import as_tensors
 from .validation import check_choice, check_data, check_finite, check_indices, check_nonneg, check_options
 
 CURVATURES = ("hessian", "gauss-newton")
+#: Without ``chunk_size``, per-example gradients are formed at most this many numbers at a time (rows x p) when
+#: scoring: one vectorised pass for small problems, chunks of rows for large ones (results do not change).
+SCORE_ONE_PASS_MAX = 2**24
 
 
 class InfluenceCalculator:
@@ -55,9 +60,15 @@ class InfluenceCalculator:
         ``lambda`` in ``(H + lambda I)^{-1}``.
     method:
         inverse-HVP solver, one of :data:`influence_lib.solvers.METHODS`; ``options`` go to it
-        (cg: ``tol``, ``max_iter``; lissa: ``scale``, ``depth``, ``repeats``, ``batch_size``, ``seed``;
-        arnoldi: ``rank``, ``iters``, ``seed``; ekfac: none — it approximates the Gauss-Newton matrix of the
-        Linear/Conv2d layers, whatever ``curvature`` says, see :mod:`influence_lib.ekfac`).
+        (cg: ``tol``, ``max_iter``, ``block``, ``preconditioner`` (None, ``"ekfac"`` or a fitted
+        :class:`~influence_lib.ekfac.EKFACSolver`: preconditioned CG, :mod:`influence_lib.preconditioned`);
+        lissa: ``scale``, ``depth``, ``repeats``, ``batch_size``, ``seed``;
+        arnoldi: ``rank``, ``iters``, ``seed``; ekfac: ``samples``, ``seed``, ``memory_budget`` — it approximates
+        the Gauss-Newton matrix of the Linear/Conv2d layers, whatever ``curvature`` says, see
+        :mod:`influence_lib.ekfac`).
+    train:
+        ``(X, y)`` tensors, or a ``torch.utils.data.Dataset`` / non-shuffling ``DataLoader`` of ``(x, y)`` items
+        (read in batches, :mod:`influence_lib.streaming`); the same for ``test`` in :meth:`scores`.
     curvature:
         ``"hessian"`` (default) or ``"gauss-newton"`` (the GGN, as in PBRF / EK-FAC).
     params:
@@ -84,6 +95,10 @@ class InfluenceCalculator:
         check_choice("curvature", curvature, CURVATURES)
         check_nonneg("damping", damping)
         check_options(f"method={method!r}", options, SOLVER_OPTIONS[method])
+        pre = options.get("preconditioner")
+        if not (pre is None or isinstance(pre, str) and pre in ("none", "ekfac") or hasattr(pre, "inv_sqrt")):
+            raise ValueError(f"preconditioner must be None, 'none', 'ekfac' or an EKFACSolver, got {pre!r}")
+        train = as_tensors("train", train)
         self.objective = Objective(model, loss_fn, *train, weight_decay=weight_decay, params=params,
                                    chunk_size=chunk_size)
         self.theta = self.objective.theta()
@@ -94,11 +109,18 @@ class InfluenceCalculator:
             else GaussNewtonOperator(self.objective, self.theta)
         )
         self._solver: EigenSolver | ArnoldiSolver | EKFACSolver | None = None
+        self._preconditioner: EKFACSolver | None = None
         self.last_info: dict[str, Any] = {}
 
     @property
     def n_train(self) -> int:
         return self.objective.n
+
+    @property
+    def solver(self) -> EigenSolver | ArnoldiSolver | EKFACSolver | None:
+        """The factorised solver that ``method`` "exact", "arnoldi" or "ekfac" built on first use (None before that,
+        and always None for the iterative methods "cg" and "lissa", which keep no state between calls)."""
+        return self._solver
 
     # --- the inverse-HVP ----------------------------------------------------------------------
     def ihvp(self, V: Tensor) -> Tensor:
@@ -113,15 +135,27 @@ class InfluenceCalculator:
                 self._solver = ArnoldiSolver(self.operator, self.damping, **self.options)
             X, info = self._solver.solve(V), self._solver.info
         elif self.method == "ekfac":
-            if self._solver is None:
-                self._solver = EKFACSolver(self.objective, self.theta, self.damping)
-            X, info = self._solver.solve(V), self._solver.info
+            X, info = self._ekfac().solve(V), self._ekfac().info
         elif self.method == "cg":
-            X, info = ihvp_cg(self.operator, V, self.damping, **self.options)
+            opts = {k: v for k, v in self.options.items() if k != "preconditioner"}
+            pre = self.options.get("preconditioner")
+            if pre is None or pre == "none":
+                X, info = ihvp_cg(self.operator, V, self.damping, **opts)
+            else:  # EK-FAC-preconditioned (block) CG, see influence_lib.preconditioned
+                if pre == "ekfac":
+                    if self._preconditioner is None:
+                        self._preconditioner = EKFACSolver(self.objective, self.theta, self.damping)
+                    pre = self._preconditioner
+                X, info = ihvp_pcg(self.operator, V, self.damping, preconditioner=pre, **opts)
         else:  # lissa
             X, info = ihvp_lissa(self.operator, V, self.damping, **self.options)
         self.last_info = info
         return check_result(f"method={self.method!r}", X)
+
+    def _ekfac(self) -> EKFACSolver:
+        if not isinstance(self._solver, EKFACSolver):
+            self._solver = EKFACSolver(self.objective, self.theta, self.damping, **self.options)
+        return self._solver
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -134,13 +168,13 @@ class InfluenceCalculator:
 
     # --- gradients ----------------------------------------------------------------------------
     def _check_points(self, name: str, data: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        X, y = check_data(name, data, device=self.theta.device, dtype=self.theta.dtype)
+        X, y = check_data(name, as_tensors(name, data), device=self.theta.device, dtype=self.theta.dtype)
         if X.shape[1:] != self.objective.X.shape[1:]:
             raise ValueError(
                 f"{name}: inputs must have shape [m, {', '.join(map(str, self.objective.X.shape[1:]))}] like "
                 f"the training inputs, got {tuple(X.shape)}"
             )
-        return X, y
+        return self.objective.check_points(name, (X, y))  # labels of the kind and range of the training labels
 
     def gradients(self, data: tuple[Tensor, Tensor], name: str = "data") -> Tensor:
         """Per-example loss gradients ``[m, p]`` at ``theta*`` (no weight decay)."""
@@ -156,7 +190,12 @@ class InfluenceCalculator:
     def scores(self, test: tuple[Tensor, Tensor]) -> Tensor:
         """``[m_test, n_train]``: ``(1/n) g_t^T (H + damping I)^{-1} g_i`` (see the module docstring)."""
         obj = self.objective
-        if obj.chunk_size is None:
+        if self.method == "ekfac":  # layer by layer in the Kronecker eigenbasis, training rows streamed in chunks
+            Xt, yt = self._check_points("test", test)
+            solver = self._ekfac()
+            self.last_info = solver.info
+            return check_finite("influence scores", solver.scores(Xt, yt) / self.n_train)
+        if obj.chunk_size is None and self.n_train * obj.p <= SCORE_ONE_PASS_MAX:
             # one vectorised pass for the test and the training gradients (per-example results are the same)
             Xt, yt = self._check_points("test", test)
             m = Xt.shape[0]
@@ -166,7 +205,10 @@ class InfluenceCalculator:
             return check_finite("influence scores", (G[m:] @ S).T / self.n_train)
         S = self.test_ihvp(test)  # [p, m]
         out = []
-        for _, G in self.objective.per_sample_grads(self.theta, self.objective.X, self.objective.y):
+        rows = obj.chunk_size or max(1, SCORE_ONE_PASS_MAX // obj.p)  # at most [rows, p] gradients at a time
+        for start in range(0, self.n_train, rows):
+            sl = slice(start, min(start + rows, self.n_train))
+            _, G = next(obj.per_sample_grads(self.theta, obj.X[sl], obj.y[sl]))
             out.append((G @ S).T)  # [m, chunk]
         return check_finite("influence scores", torch.cat(out, dim=1) / self.n_train)
 
@@ -206,7 +248,8 @@ def influence(
     ``(1/n) g_test^T (H + damping I)^{-1} g_i`` with ``H`` the Hessian of
     ``mean_i loss_fn(model(x_i), y_i) + (weight_decay/2)||theta||^2`` at the model's current parameters.
     ``method`` in ``("exact", "cg", "lissa", "arnoldi", "ekfac")``; ``options`` go to :class:`InfluenceCalculator`
-    (``curvature``, ``params``, ``chunk_size``) or the solver.
+    (``curvature``, ``params``, ``chunk_size``) or the solver. ``train`` and ``test`` are ``(X, y)`` tensors or a
+    ``torch.utils.data.Dataset`` / non-shuffling ``DataLoader`` of ``(x, y)`` items.
     """
     calc_keys = {"curvature", "params", "chunk_size"}
     calc_opts = {k: options.pop(k) for k in list(options) if k in calc_keys}

@@ -25,8 +25,19 @@ def _pair(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _unit_scale(v: np.ndarray) -> np.ndarray:
+    """``v`` times the power of two that brings ``max |v|`` into ``[0.5, 1)``: exact (only the exponents change), so
+    a correlation computed from it equals, bit for bit, the one computed from ``v`` wherever that one neither
+    overflows nor underflows, and is safe where it would (inputs of magnitude 1e200 or 1e-200)."""
+    top = float(np.abs(v).max()) if v.size else 0.0
+    if top == 0.0 or not np.isfinite(top):
+        return v
+    return np.ldexp(v, -int(np.frexp(top)[1]))
+
+
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
-    xc, yc = x - x.mean(), y - y.mean()
+    x, y = _unit_scale(x), _unit_scale(y)  # before the mean, whose sum could overflow
+    xc, yc = _unit_scale(x - x.mean()), _unit_scale(y - y.mean())  # before the squares, which could underflow
     sx, sy = np.sqrt((xc * xc).sum()), np.sqrt((yc * yc).sum())
     if sx == 0 or sy == 0:
         raise ValueError("correlation is undefined: one of the inputs is constant")
@@ -47,7 +58,11 @@ def ranks(x: np.ndarray) -> np.ndarray:
 
 
 def pearson(a: ArrayLike, b: ArrayLike) -> float:
-    """Pearson correlation of two equally long vectors (raises on constant or non-finite input)."""
+    """Pearson correlation of two equally long vectors (raises on constant or non-finite input).
+
+    Scale-safe: each input is brought to unit magnitude by an exact power-of-two scaling before centring and again
+    before the products, so inputs near 1e200 or 1e-200 give their true correlation (and ordinary inputs the same
+    bits as the textbook formula)."""
     return _corr(*_pair(a, b))
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .validation import check_data, check_nonneg, check_positive_int
+from .validation import check_data, check_labels, check_loss_fn, check_model, check_nonneg, check_positive_int
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -126,12 +126,19 @@ class Objective:
     ``X`` is cast to the model's dtype and moved, with ``y``, to the model's device. ``params`` selects
     the parameters that form ``theta`` (default: all); ``chunk_size`` is the number of data rows
     processed at once (default: all rows).
+
+    Refused up front (:func:`~influence_lib.validation.check_model`, :func:`~influence_lib.validation.check_loss_fn`),
+    so that every entry point built on it refuses them before any computation: a ``loss_fn`` that is not the
+    mean loss of a batch (``reduction="sum"`` / ``"none"``); inputs or labels the model or loss cannot take and
+    class labels out of range; a model in training mode with BatchNorm / Dropout (call ``model.eval()``);
+    selected parameters with ``requires_grad=False`` (never differentiated silently: leave them out with
+    ``params``).
     """
 
     model: nn.Module
     loss_fn: LossFn
     X: Tensor
-    y: Tensor
+    y: Tensor | None = None  # None only to refuse ``Objective(model, loss_fn, *(X,))`` with a clear message
     weight_decay: float = 0.0
     params: Sequence[str] | None = None
     chunk_size: int | None = None
@@ -142,11 +149,35 @@ class Objective:
         if self.chunk_size is not None:
             check_positive_int("chunk_size", self.chunk_size)
         device, dtype = model_device_dtype(self.model)
+        if self.y is None:
+            raise ValueError("data: the training data must be an (X, y) pair of tensors, got X alone (a 1-tuple?)")
         self.X, self.y = check_data("data", (self.X, self.y), device=device, dtype=dtype)
         self.spec = param_spec(self.model, self.params)
+        check_model(self.model, self.spec.names)
+        self.n_classes = check_loss_fn(self.loss_fn, self.model, self.X, self.y)
         named = dict(self.model.named_parameters())
         self._fixed = {k: v.detach() for k, v in named.items() if k not in self.spec.names}
         self._fixed.update({k: v.detach() for k, v in self.model.named_buffers()})
+        self._gn_reverse = False  # see gnvp
+
+    def check_points(self, name: str, data: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Validate further points (e.g. test points) ``(X, y)`` against the training data: the same features per row,
+        the same kind of labels, class labels in range. Returns them cast and moved like the training data."""
+        X, y = check_data(name, data, device=self.X.device, dtype=self.X.dtype if self.X.is_floating_point() else None)
+        if X.shape[1:] != self.X.shape[1:] or X.dtype != self.X.dtype:
+            raise ValueError(
+                f"{name}: inputs must have shape [m, {', '.join(map(str, self.X.shape[1:]))}] and dtype {self.X.dtype} "
+                f"like the training inputs, got {tuple(X.shape)} {X.dtype}"
+            )
+        if y.shape[1:] != self.y.shape[1:] or y.is_floating_point() != self.y.is_floating_point():
+            raise ValueError(
+                f"{name}: labels must have shape [m{''.join(', ' + str(d) for d in self.y.shape[1:])}] and a "
+                f"{'floating-point' if self.y.is_floating_point() else 'integer'} dtype like the training labels, got "
+                f"{tuple(y.shape)} {y.dtype}"
+            )
+        if self.n_classes is not None:
+            check_labels(f"{name} y", y, self.n_classes)
+        return X, y
 
     # --- basic pieces -------------------------------------------------------------------------
     @property
@@ -265,7 +296,9 @@ class Objective:
 
         ``J_i`` is the Jacobian of the outputs w.r.t. ``theta`` and ``H_out,i`` the Hessian of the loss
         in output space. ``G`` is positive semi-definite for convex losses (cross-entropy, MSE).
-        ``V`` is ``[p]`` or ``[p, k]``.
+        ``V`` is ``[p]`` or ``[p, k]``. ``H_out J v`` is computed forward-over-reverse; where PyTorch cannot
+        differentiate the loss that way (``F.mse_loss``, "ZeroTensors are immutable"), reverse-over-reverse
+        (the same product, in other rounding), from then on for this objective.
         """
         single = V.dim() == 1
         Vm = V.unsqueeze(1) if single else V
@@ -285,12 +318,31 @@ class Objective:
 
         outputs, pullback = vjp(outputs_of, theta)
 
-        def gv(v: Tensor) -> Tensor:
-            jv = jvp(outputs_of, (theta,), (v,))[1]
-            hjv = jvp(grad(loss_out), (outputs,), (jv,))[1]
-            return pullback(hjv)[0]
+        def h_out_forward(jv: Tensor) -> Tensor:  # H_out jv by forward-over-reverse
+            return jvp(grad(loss_out), (outputs,), (jv,))[1]
 
-        return vmap(gv, in_dims=1, out_dims=1)(Vm)
+        def h_out_reverse(jv: Tensor) -> Tensor:  # H_out jv = (jv^T H_out)^T by reverse-over-reverse (H_out symmetric)
+            return vjp(grad(loss_out), outputs)[1](jv)[0]
+
+        def gv_with(h_out: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+            def gv(v: Tensor) -> Tensor:
+                jv = jvp(outputs_of, (theta,), (v,))[1]
+                return pullback(h_out(jv))[0]
+            return gv
+
+        if not self._gn_reverse:
+            try:
+                return vmap(gv_with(h_out_forward), in_dims=1, out_dims=1)(Vm)
+            except RuntimeError as err:
+                # forward-over-reverse through some losses fails inside PyTorch (F.mse_loss: "ZeroTensors are
+                # immutable"); the same product by reverse-over-reverse, used from now on for this objective
+                try:
+                    out = vmap(gv_with(h_out_reverse), in_dims=1, out_dims=1)(Vm)
+                except RuntimeError:
+                    raise err from None
+                self._gn_reverse = True
+                return out
+        return vmap(gv_with(h_out_reverse), in_dims=1, out_dims=1)(Vm)
 
     def hessian(self, theta: Tensor, block_size: int | None = None) -> Tensor:
         """Dense Hessian ``[p, p]`` of ``J`` at ``theta``, from HVPs on blocks of ``block_size`` unit vectors.

@@ -51,14 +51,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .curvature import GaussNewtonOperator, extreme_eigenvalues
+from .newton import newton_minimize
 from .objective import LossFn, Objective
 from .retrain import LOOResult, TrainConfig, minimize_stacked, test_losses_of
 from .validation import (
     NonFiniteError,
-    check_data,
     check_finite,
     check_indices,
     check_nonneg,
@@ -182,6 +182,8 @@ def pbrf_response(
     params: Sequence[str] | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    tol: float | None = None,
+    max_iter: int = 100,
 ) -> PBRFResult:
     """Optimise the PBRF of every point of ``remove``, starting at the model's parameters ``theta_s``.
 
@@ -189,7 +191,10 @@ def pbrf_response(
     (default ``-1/n``: its removal); ``weight_decay`` is that of the training objective and ``damping`` the
     proximity strength (the ``damping`` of the influence function the PBRF is compared with).
 
-    Optimiser: ``optimizer`` in ``("sgd", "adam")`` with ``lr``, ``momentum`` and ``steps`` steps from ``theta_s``,
+    Optimiser: ``optimizer="newton"``: damped Newton (:mod:`influence_lib.newton`) from ``theta_s`` to the relative
+    gradient-norm tolerance ``tol`` in at most ``max_iter`` iterations (a PBRF that misses it is reported in
+    ``diverged``, its row NaN; ``lr``, ``steps`` unused). Otherwise
+    ``optimizer`` in ``("sgd", "adam")`` with ``lr``, ``momentum`` and ``steps`` steps from ``theta_s``,
     full batch unless ``batch_size`` is given (mini-batches in an order seeded by ``seed``). ``lr="auto"`` (sgd only):
     ``1 / lambda_max`` of the objective's Hessian at ``theta_s``, ``G + (wd + damping) I`` (60 Lanczos steps): the
     largest step at which gradient descent with momentum ``beta`` contracts every direction of the quadratic model
@@ -211,7 +216,7 @@ def pbrf_response(
     if lr == "auto" and optimizer != "sgd":
         raise ValueError(f"lr='auto' (1 / the largest curvature) is meant for optimizer='sgd', got {optimizer!r}")
     cfg = TrainConfig(optimizer=optimizer, lr=1.0 if lr == "auto" else lr, steps=steps, batch_size=batch_size,
-                      seed=seed, momentum=momentum, normalization="full")
+                      seed=seed, momentum=momentum, normalization="full", tol=tol, max_iter=max_iter)
     check_nonneg("damping", damping)
     obj = Objective(model, loss_fn, *train, weight_decay=weight_decay, params=params)
     n = obj.n
@@ -220,7 +225,7 @@ def pbrf_response(
         raise ValueError(f"epsilon must be a finite number (default -1/n = removal), got {epsilon!r}")
     if batch_size is not None and batch_size > n:
         raise ValueError(f"batch_size must be <= the number of training rows ({n}), got {batch_size}")
-    Xt, yt = check_data("test", test, device=obj.X.device, dtype=obj.X.dtype)
+    Xt, yt = obj.check_points("test", test)
     idx = check_indices("remove", remove, n)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
@@ -240,6 +245,15 @@ def pbrf_response(
         part = idx[s:s + chunk]
         W = pbrf.removal_weights(part, eps)
         theta0 = theta_s.unsqueeze(0).expand(part.numel(), -1)
+        if optimizer == "newton":  # a PBRF that misses the tolerance is reported in `diverged` (NaN row)
+            res = newton_minimize(lambda th, which, W=W: pbrf.data_terms(th, W[which]), theta0, l2=pbrf.strength,
+                                  center=theta_s, tol=tol, max_iter=max_iter, on_failure="flag")
+            Theta = torch.where(res.converged.unsqueeze(1), res.theta, torch.full_like(res.theta, float("nan")))
+            thetas.append(Theta)
+            gnorms.append(res.grad_norm)
+            gstart.append(res.grad_norm_start)
+            bar.update(cfg.steps)
+            continue
         Theta = minimize_stacked(lambda th, rows, W=W: pbrf.data_terms(th, W, rows), theta0, n, cfg,
                                  l2=pbrf.strength, center=theta_s, on_nonfinite="stop", progress=bar)
         thetas.append(Theta)
@@ -252,7 +266,8 @@ def pbrf_response(
     test_losses = test_losses_of(obj, Theta, Xt, yt)
     ref_losses = test_losses_of(obj, theta_s.unsqueeze(0), Xt, yt)[0]
     config: dict[str, Any] = {**cfg.to_dict(), "weight_decay": weight_decay, "damping": damping, "epsilon": eps}
-    return PBRFResult(idx, Theta, theta_s, test_losses, ref_losses, config, torch.cat(gnorms), torch.cat(gstart))
+    return PBRFResult(idx, Theta, theta_s, test_losses, ref_losses, config, grad_norm=torch.cat(gnorms),
+                      grad_norm_start=torch.cat(gstart))
 
 
 def pbrf_retrain(

@@ -30,27 +30,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+from .newton import NewtonConvergenceError, NewtonResult, newton_minimize, newton_polish, weighted_data_terms
 from .objective import LossFn, Objective, flat_params, set_flat_params
+from .stacked import fused_data_terms
 from .validation import (
     NonFiniteError,
     check_choice,
-    check_data,
     check_indices,
     check_nonneg,
+    check_not_blown_up,
     check_positive,
     check_positive_int,
 )
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "newton")  # "newton": influence_lib.newton, to a gradient-norm tolerance
 REFERENCES = ("retrained", "original")
 NORMALIZATIONS = ("remaining", "full")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train: optimiser, learning rate, number of steps, mini-batch size (None = full batch)."""
+    """How to train: optimiser, learning rate, number of steps, mini-batch size (None = full batch).
+
+    ``optimizer="newton"`` (:func:`influence_lib.newton.newton_minimize`, full batch only) ignores ``lr``, ``steps``,
+    ``momentum``, ``betas`` and ``eps`` and stops at the relative gradient-norm tolerance ``tol`` (default
+    :func:`influence_lib.newton.default_tol` of the dtype) or after ``max_iter`` iterations (then it raises).
+    """
 
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -61,9 +68,17 @@ class TrainConfig:
     eps: float = 1e-8
     seed: int = 0
     normalization: str = "remaining"
+    tol: float | None = None
+    max_iter: int = 100
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "newton":
+            if self.batch_size is not None:
+                raise ValueError(f"batch_size must be None (full batch) for optimizer='newton', got {self.batch_size}")
+            if self.tol is not None:
+                check_positive("tol", self.tol)
+            check_positive_int("max_iter", self.max_iter)
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_positive("lr", self.lr)
         check_positive_int("steps", self.steps)
@@ -75,7 +90,10 @@ class TrainConfig:
         check_positive("eps", self.eps)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.optimizer != "newton":  # the Newton options, absent from the configs of the other optimisers
+            del d["tol"], d["max_iter"]
+        return d
 
 
 def _batches(n: int, cfg: TrainConfig, device: torch.device):
@@ -105,7 +123,8 @@ def fit_stacked(
 ) -> Tensor:
     """Train a stack of models from ``theta0`` ``[B, p]`` with data weights ``weights`` ``[B, n]``.
 
-    Returns the final parameters ``[B, p]``. Raises :class:`NonFiniteError` if a loss becomes non-finite.
+    Returns the final parameters ``[B, p]``. Raises :class:`NonFiniteError` if a loss becomes non-finite or the
+    final parameters blow up (beyond ``sqrt(finfo.max)``, see :func:`~influence_lib.validation.check_not_blown_up`).
     ``progress`` is a bool or an existing tqdm bar to advance by one per step.
     """
     X, y, n = objective.X, objective.y, objective.n
@@ -113,6 +132,9 @@ def fit_stacked(
         raise ValueError(f"theta0 must have shape [B, {objective.p}], got {tuple(theta0.shape)}")
     if weights.shape != (theta0.shape[0], n):
         raise ValueError(f"weights must have shape [{theta0.shape[0]}, {n}], got {tuple(weights.shape)}")
+    if cfg.optimizer == "newton":  # raises NewtonConvergenceError if a model misses the tolerance
+        return newton_minimize(weighted_data_terms(objective, weights, cfg.normalization), theta0,
+                               l2=objective.weight_decay, tol=cfg.tol, max_iter=cfg.max_iter).theta
     loss_fn = objective.loss_fn
 
     def per_model(theta: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
@@ -122,6 +144,9 @@ def fit_stacked(
         return (w * losses).sum() / denom
 
     batched = vmap(per_model, in_dims=(0, 0, None, None))
+    fused = fused_data_terms(objective.model, objective.spec.names, loss_fn, cfg.normalization)
+    if fused is not None:  # plain MLPs and linear models: batched matrix products instead of vmap (same objective)
+        batched = fused
     if theta0.shape[0] == 1 and bool((weights == 1).all()) and cfg.normalization == "remaining":
         # a single model on all its data: the plain batch-mean objective, without vmap overhead
         def batched(th: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:  # noqa: F811
@@ -132,7 +157,8 @@ def fit_stacked(
         xb, yb, wb = (X, y, W) if rows is None else (X[rows], y[rows], W[:, rows])
         return _batch_objective(batched, th, wb, xb, yb)
 
-    return minimize_stacked(data_terms, theta0, n, cfg, l2=objective.weight_decay, progress=progress)
+    Theta = minimize_stacked(data_terms, theta0, n, cfg, l2=objective.weight_decay, progress=progress)
+    return check_not_blown_up("training: the trained parameters", Theta)  # finite but absurd: an overflow
 
 
 def minimize_stacked(
@@ -240,13 +266,21 @@ def train_model(
     momentum: float = 0.0,
     progress: bool = False,
     chunk_size: int | None = None,
-) -> dict[str, float]:
+    tol: float | None = None,
+    max_iter: int = 100,
+) -> dict[str, Any]:
     """Train ``model`` in place (from its current parameters) on the objective above with all weights 1.
 
     Returns ``{"loss": J(theta), "grad_norm": ||grad J(theta)||}`` at the end: a small gradient norm is
-    the sign of a stationary point, which the influence approximation assumes.
+    the sign of a stationary point, which the influence approximation assumes. ``optimizer="newton"`` is
+    :func:`influence_lib.newton.newton_polish` (to the stationary point nearest the current parameters, e.g. after
+    Adam; ``tol``, ``max_iter``; raises :class:`~influence_lib.newton.NewtonConvergenceError` if it is not reached)
+    and adds ``"grad_norm_start"``, ``"iterations"`` and ``"converged"``.
     """
-    cfg = TrainConfig(optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, seed=seed, momentum=momentum)
+    cfg = TrainConfig(optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, seed=seed, momentum=momentum,
+                      tol=tol, max_iter=max_iter)
+    if optimizer == "newton":
+        return newton_polish(model, loss_fn, train, weight_decay=weight_decay, tol=tol, max_iter=max_iter)
     obj = Objective(model, loss_fn, *train, weight_decay=weight_decay, chunk_size=chunk_size)
     if batch_size is not None and batch_size > obj.n:
         raise ValueError(f"batch_size must be <= the number of training rows ({obj.n}), got {batch_size}")
@@ -261,6 +295,9 @@ class LOOResult:
 
     ``theta``: ``[R, p]`` parameters without each removed point; ``theta_ref``: ``[p]`` the reference
     (see ``reference`` in :func:`retrain_without`); ``test_losses`` ``[R, m]`` and ``ref_losses`` ``[m]``.
+    Stationarity of the retrained models: ``grad_norm`` ``[R]`` the norm of the gradient of each one's training
+    objective at ``theta`` and ``ref_grad_norm`` that of the reference at ``theta_ref``; with ``optimizer="newton"``
+    also ``iterations`` ``[R]`` and ``converged`` ``[R]`` (``ref_iterations``, ``ref_converged`` for the reference).
     """
 
     remove: Tensor
@@ -269,6 +306,12 @@ class LOOResult:
     test_losses: Tensor
     ref_losses: Tensor
     config: dict[str, Any]
+    grad_norm: Tensor | None = None
+    ref_grad_norm: float | None = None
+    iterations: Tensor | None = None
+    converged: Tensor | None = None
+    ref_iterations: int | None = None
+    ref_converged: bool | None = None
 
     @property
     def loss_change(self) -> Tensor:
@@ -300,6 +343,9 @@ def retrain_without(
     reference: str = "retrained",
     chunk_size: int | None = None,
     progress: bool = True,
+    tol: float | None = None,
+    max_iter: int = 100,
+    on_failure: str = "raise",
 ) -> LOOResult:
     """Retrain once per removed training point; all models of a chunk are trained together.
 
@@ -310,16 +356,22 @@ def retrain_without(
     ``"original"``: the baseline is the model as given (requires ``warm_start=True``).
     ``normalization``: ``"remaining"`` (mean over the remaining points) or ``"full"`` (sum / n), see above.
     ``chunk_size``: models trained at once (default: all); results do not depend on it.
+    ``optimizer="newton"``: damped Newton (:mod:`influence_lib.newton`) from the start to the relative
+    gradient-norm tolerance ``tol``, at most ``max_iter`` iterations (``lr`` and ``steps`` are not used). A model that
+    misses it: ``on_failure="raise"`` (default) raises :class:`~influence_lib.newton.NewtonConvergenceError`;
+    ``"flag"`` returns its row of ``theta`` and ``test_losses`` as NaN with ``converged`` False (a reference that
+    misses it makes every loss change NaN).
     """
     check_choice("reference", reference, REFERENCES)
+    check_choice("on_failure", on_failure, ("raise", "flag"))
     if reference == "original" and not warm_start:
         raise ValueError("reference='original' requires warm_start=True (a from-scratch model has no original)")
     cfg = TrainConfig(optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, seed=seed, momentum=momentum,
-                      normalization=normalization)
+                      normalization=normalization, tol=tol, max_iter=max_iter)
     obj = Objective(model, loss_fn, *train, weight_decay=weight_decay)
     if batch_size is not None and batch_size > obj.n:
         raise ValueError(f"batch_size must be <= the number of training rows ({obj.n}), got {batch_size}")
-    Xt, yt = check_data("test", test, device=obj.X.device, dtype=obj.X.dtype)
+    Xt, yt = obj.check_points("test", test)
     idx = check_indices("remove", remove, obj.n)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
@@ -328,9 +380,10 @@ def retrain_without(
     chunk = R + 1 if chunk_size is None else chunk_size
     # the row for the reference model (no point removed) goes first, in the first chunk
     rows_removed = torch.cat([torch.tensor([-1]), idx])
-    total = len(range(0, R + (reference == "retrained"), chunk)) * cfg.steps
+    newton = cfg.optimizer == "newton"
+    total = len(range(0, R + (reference == "retrained"), chunk)) * (1 if newton else cfg.steps)
     bar = tqdm(total=total, desc=f"LOO retraining ({R} models)", disable=not progress, leave=False)
-    thetas = []
+    thetas, gnorms, runs = [], [], []
     todo = rows_removed if reference == "retrained" else idx
     for s in range(0, todo.numel(), chunk):
         part = todo[s:s + chunk]
@@ -338,17 +391,51 @@ def retrain_without(
         keep = part >= 0
         W[torch.arange(part.numel())[keep], part[keep].to(W.device)] = 0
         theta0 = start.unsqueeze(0).expand(part.numel(), -1)
-        thetas.append(fit_stacked(obj, theta0, W, cfg, progress=bar))
+        fun = weighted_data_terms(obj, W, normalization)
+        if newton:
+            runs.append(newton_minimize(fun, theta0, l2=weight_decay, tol=tol, max_iter=max_iter, on_failure="flag"))
+            thetas.append(runs[-1].theta)
+            bar.update(1)
+        else:
+            thetas.append(fit_stacked(obj, theta0, W, cfg, progress=bar))
+        gnorms.append(_grad_norms(fun, thetas[-1], weight_decay))
     bar.close()
-    Theta = torch.cat(thetas)
+    Theta, gnorm = torch.cat(thetas), torch.cat(gnorms)
+    ok = torch.cat([r.converged for r in runs]) if newton else None
+    its = torch.cat([r.iterations for r in runs]) if newton else None
+    if newton and on_failure == "raise" and not bool(ok.all()):
+        res = NewtonResult(*(torch.cat([getattr(r, f) for r in runs]) for f in NewtonResult.__dataclass_fields__))
+        raise NewtonConvergenceError("LOO retraining: " + res.failure_message())
+    if newton and not bool(ok.all()):  # flagged: no answer for the models that missed the tolerance
+        Theta = torch.where(ok.unsqueeze(1), Theta, torch.full_like(Theta, float("nan")))
+    ref: dict[str, Any] = {}
     if reference == "retrained":
         theta_ref, Theta = Theta[0], Theta[1:]
+        ref["ref_grad_norm"], gnorm = float(gnorm[0]), gnorm[1:]
+        if newton:
+            ref.update(ref_iterations=int(its[0]), ref_converged=bool(ok[0]))
+            its, ok = its[1:], ok[1:]
     else:
         theta_ref = obj.theta()
+        ref["ref_grad_norm"] = float(obj.gradient(theta_ref).norm())
     test_losses = test_losses_of(obj, Theta, Xt, yt)
     ref_losses = test_losses_of(obj, theta_ref.unsqueeze(0), Xt, yt)[0]
+    answered = ok if newton else torch.ones(Theta.shape[0], dtype=torch.bool, device=Theta.device)  # NaN = flagged
+    check_not_blown_up("LOO retraining: the retrained parameters", Theta[answered])
+    check_not_blown_up("LOO retraining: the test losses", test_losses[answered])
+    if not newton or bool(torch.isfinite(theta_ref).all()):
+        check_not_blown_up("LOO retraining: the reference model's test losses", ref_losses)
     config = {**cfg.to_dict(), "warm_start": warm_start, "reference": reference, "weight_decay": weight_decay}
-    return LOOResult(idx, Theta, theta_ref, test_losses, ref_losses, config)
+    return LOOResult(idx, Theta, theta_ref, test_losses, ref_losses, config, grad_norm=gnorm, iterations=its,
+                     converged=ok, **ref)
+
+
+def _grad_norms(fun: Callable[[Tensor, Tensor], Tensor], Theta: Tensor, l2: float) -> Tensor:
+    """``||grad (fun + (l2/2)||theta||^2)||`` of every model of a stack ``[B, p]`` (full batch): ``[B]``."""
+    with torch.enable_grad():
+        th = Theta.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fun(th, torch.arange(th.shape[0], device=th.device)).sum(), th)
+    return (g + l2 * Theta).norm(dim=1)
 
 
 def test_losses_of(obj: Objective, Theta: Tensor, X: Tensor, y: Tensor) -> Tensor:

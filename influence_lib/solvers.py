@@ -108,7 +108,7 @@ def ihvp_cg(
     V: Tensor,
     damping: float = 0.0,
     *,
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_iter: int | None = None,
     x0: Tensor | None = None,
     block: bool = True,
@@ -128,7 +128,8 @@ def ihvp_cg(
     columns) are dropped (deflation, see :func:`_orth`). ``block=False``: ``k`` independent CG recursions
     (products still batched).
 
-    Each column stops when its *true* residual ``||v - (A + damping I) x|| <= tol * ||v||``: when the
+    Each column stops when its *true* residual ``||v - (A + damping I) x|| <= tol * ||v||``
+    (``tol=None``: :func:`default_cg_tol` of ``V``'s dtype, ``1e-8`` in float64, ``~1.2e-5`` in float32): when the
     recursively updated residual falls below ``tol``, the true residual is recomputed and the iteration
     restarts from it if it is not small enough. Raises :class:`SolverError` if ``A + damping I`` shows
     non-positive curvature on the search space (CG needs a positive definite system: increase ``damping``)
@@ -138,9 +139,10 @@ def ihvp_cg(
     one step; at most ``rank(V)`` for block CG, because dependent directions are deflated).
     """
     check_nonneg("damping", damping)
-    check_positive("tol", tol)
     _check_size(A, V)
     Vb, single = _as_block(V)
+    tol = default_cg_tol(Vb.dtype) if tol is None else tol
+    check_positive("tol", tol)
     p, k = Vb.shape
     max_iter = 10 * p if max_iter is None else max_iter
     check_positive_int("max_iter", max_iter)
@@ -161,6 +163,13 @@ def ihvp_cg(
     info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block,
             "max_directions": max_directions}
     return (X.squeeze(1) if single else X), info
+
+
+def default_cg_tol(dtype: torch.dtype) -> float:
+    """CG's default relative residual for a dtype: ``1e-8`` in float64, ``100 eps`` in lower precision (``1.2e-5`` in
+    float32), where rounding alone keeps the true residual near ``eps * cond(A)`` and a float64 tolerance is
+    never reached."""
+    return max(1e-8, 100 * torch.finfo(dtype).eps)
 
 
 def _not_positive_definite(damping: float) -> SolverError:
@@ -318,8 +327,22 @@ def ihvp_lissa(
     ``scale`` must exceed ``lambda_max(A + damping I) / 2``. ``scale=None`` picks ``1.5 lambda_max``
     estimated by 30 Lanczos steps. The truncation error decays like ``(1 - (lambda_min + damping)/scale)^depth``.
 
-    Raises :class:`LissaDivergenceError` as soon as ``||x_j||`` exceeds ``divergence_factor (j+1) ||v||``
-    (impossible while the recursion contracts) or becomes non-finite.
+    What cannot converge is refused with :class:`LissaDivergenceError`, whose message names the setting to change:
+
+    - always: as soon as ``||x_j||`` exceeds ``divergence_factor (j+1) ||v||`` (impossible while the recursion
+      contracts) or becomes non-finite;
+    - full batch (``batch_size=None``), before the recursion: when the Lanczos estimate of the spectrum of
+      ``A + damping I`` (the one ``scale=None`` computes anyway; for a given ``scale`` it is computed when its
+      30 products cost at most a quarter of the recursion's ``depth * k``) shows an eigenvalue ``<= 0`` (damping) or
+      one ``>= 2 scale`` (scale). Ritz values lie inside the spectrum, so these refusals are never wrong;
+    - full batch, during the recursion: from the recursion's own growth rate. The increments
+      ``d_j = x_{j+1} - x_j = (I - B)^{j+1} v`` (``B = (A + damping I)/scale``) have a norm that is log-convex in
+      ``j``: it can only fall while the recursion converges and, once it rises, rises for ever. A rise of the
+      increments above their running minimum by more than 1% (and well above the rounding noise) is divergence;
+      the Rayleigh quotient ``1 - d_j^T d_{j+1} / ||d_j||^2`` of ``B`` on the growing increment says whether
+      the culprit is an eigenvalue ``<= 0`` (damping too small) or ``>= 2 scale`` (scale too small).
+
+    The mini-batch recursion is checked by the norm bound only (its increments are noisy by design).
     """
     check_nonneg("damping", damping)
     check_positive_int("depth", depth)
@@ -333,8 +356,12 @@ def ihvp_lissa(
         if batch_size > A.n_rows:
             raise ValueError(f"batch_size must be <= the number of training rows ({A.n_rows}), got {batch_size}")
     info: dict[str, Any] = {}
+    Vb, single = _as_block(V)
+    full = batch_size is None
+    spectrum: tuple[float, float] | None = None
     if scale is None:
-        _, lam_max = _top_eig(A, damping, seed)
+        spectrum = _top_eig(A, damping, seed)
+        lam_max = spectrum[1]
         scale = 1.5 * lam_max
         info["lambda_max_estimate"] = lam_max
         if scale <= 0:
@@ -342,21 +369,29 @@ def ihvp_lissa(
                 f"A + damping*I has no positive eigenvalue (lambda_max ~ {lam_max:.3g}); increase damping"
             )
     check_positive("scale", scale)
-    Vb, single = _as_block(V)
+    products = depth * repeats * Vb.shape[1]
+    if full and spectrum is None and products >= 4 * _LISSA_LANCZOS_ITERS:
+        A.reserve(products + _LISSA_LANCZOS_ITERS)  # the estimate's products count towards the densify decision
+        spectrum = _top_eig(A, damping, seed)
+    if full and spectrum is not None:
+        _check_lissa_spectrum(spectrum, scale, damping)
     vnorm = Vb.norm(dim=0).clamp_min(1e-300)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if batch_size is None:  # a known number of full-data products: the operator may densify first
-        A.reserve(depth * repeats * Vb.shape[1])
+    if full:  # a known number of full-data products: the operator may densify first
+        A.reserve(products)
+    eps = torch.finfo(Vb.dtype).eps
+    noise_scale = 64 * eps * math.sqrt(Vb.shape[0])
     total = torch.zeros_like(Vb)
     for r in range(repeats):
         X = Vb.clone()
+        d_prev = d_min = None
         for j in range(depth):
             op = A
             if batch_size is not None:
                 rows = torch.randperm(A.n_rows, generator=gen)[:batch_size].to(Vb.device)
                 op = A.on_rows(rows)
-            X = Vb + X - (op.matmat(X) + damping * X) / scale
-            xn = X.norm(dim=0)
+            X_new = Vb + X - (op.matmat(X) + damping * X) / scale
+            xn = X_new.norm(dim=0)
             if not bool(torch.isfinite(xn).all()) or bool((xn > divergence_factor * (j + 2) * vnorm).any()):
                 raise LissaDivergenceError(
                     f"LiSSA diverged at iteration {j + 1} of repeat {r + 1} (||x|| / ||v|| = "
@@ -364,14 +399,63 @@ def ihvp_lissa(
                     "lambda_max(A + damping I)/2, larger for small batch_size) or increase damping (now "
                     f"{damping:g}; it must exceed -lambda_min(A))"
                 )
+            if full:  # the increments of a deterministic Neumann series (see the docstring)
+                D = X_new - X
+                dn = D.norm(dim=0)
+                if d_prev is not None:
+                    noise = noise_scale * (xn + vnorm)
+                    growing = (dn > 1.01 * d_min + 8 * noise) & (d_min > 0)
+                    if bool(growing.any()):
+                        c = int(growing.nonzero()[0, 0])
+                        rq = 1.0 - float(d_prev[:, c].dot(D[:, c]) / d_prev[:, c].dot(d_prev[:, c]))
+                        raise _lissa_growth_error(j + 1, r + 1, float(dn[c] / d_min[c]), rq, scale, damping)
+                    d_min = torch.minimum(d_min, dn)
+                else:
+                    d_min = dn
+                d_prev = D
+            X = X_new
         total += X / scale
     X = total / repeats
     info.update({"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size})
     return (X.squeeze(1) if single else X), info
 
 
+#: Lanczos steps of LiSSA's spectrum estimate (the ``scale=None`` default and the full-batch check).
+_LISSA_LANCZOS_ITERS = 30
+
+
+def _check_lissa_spectrum(spectrum: tuple[float, float], scale: float, damping: float) -> None:
+    """Refuse a full-batch LiSSA that cannot converge, from Ritz values of ``A + damping I`` (inside its spectrum)."""
+    lo, hi = spectrum
+    if lo <= 0:
+        raise LissaDivergenceError(
+            f"LiSSA cannot converge: A + damping*I has an eigenvalue <= 0 (Lanczos estimate {lo:.4g}), so the "
+            f"Neumann series grows along it. Increase damping (now {damping:g}) above -lambda_min(A) "
+            f"(about {damping - lo:.4g} or more), or use method='exact'"
+        )
+    if hi >= 2 * scale:
+        raise LissaDivergenceError(
+            f"LiSSA cannot converge: scale (now {scale:.4g}) must exceed lambda_max(A + damping I)/2 "
+            f"(Lanczos estimate of lambda_max {hi:.4g}); increase scale, e.g. to {1.5 * hi:.4g} (or pass scale=None)"
+        )
+
+
+def _lissa_growth_error(it: int, rep: int, growth: float, rq: float, scale: float,
+                        damping: float) -> LissaDivergenceError:
+    where = f"LiSSA diverges: its increments grew {growth:.3g}x above their minimum by iteration {it} of repeat {rep}"
+    if rq <= 1.0:
+        return LissaDivergenceError(
+            f"{where}, along a direction of non-positive curvature of A + damping*I. Increase damping (now "
+            f"{damping:g}; it must exceed -lambda_min(A)) or use method='exact' (scale now {scale:.4g})"
+        )
+    return LissaDivergenceError(
+        f"{where}, along a direction of curvature above 2*scale. Increase scale (now {scale:.4g}; it must exceed "
+        f"lambda_max(A + damping I)/2) or pass scale=None (damping now {damping:g})"
+    )
+
+
 def _top_eig(A: LinearOperator, damping: float, seed: int) -> tuple[float, float]:
-    evals, _ = lanczos(A, iters=30, seed=seed)
+    evals, _ = lanczos(A, iters=_LISSA_LANCZOS_ITERS, seed=seed)
     return float(evals[0]) + damping, float(evals[-1]) + damping
 
 
@@ -421,10 +505,10 @@ def ihvp_arnoldi(
 
 SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
     "exact": (),
-    "cg": ("tol", "max_iter", "block"),
+    "cg": ("tol", "max_iter", "block", "preconditioner"),  # preconditioner: influence_lib.preconditioned
     "lissa": ("scale", "depth", "repeats", "batch_size", "seed", "divergence_factor"),
     "arnoldi": ("rank", "iters", "seed"),
-    "ekfac": (),  # influence_lib.ekfac: Gauss-Newton curvature of Linear/Conv2d layers, no options
+    "ekfac": ("samples", "seed", "memory_budget"),  # influence_lib.ekfac: Gauss-Newton of Linear/Conv2d layers
 }
 METHODS = tuple(SOLVER_OPTIONS)
 

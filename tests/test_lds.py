@@ -20,8 +20,9 @@ from scipy import stats
 from torch import nn
 
 import influence_lib as il
-from influence_lib import sweep
-from influence_lib.experiment import normalize_setting
+from influence_lib import experiments as sweep
+from influence_lib.experiments import run_lds as R
+from influence_lib.experiments.settings import normalize_setting
 from influence_lib.retrain import initial_params
 
 # the module itself (robust even if the package exports a function named `lds` that shadows the attribute)
@@ -372,15 +373,15 @@ TINY_LDS = {"runner": "lds", "dataset": "iris", "depth": 1, "width": 3, "steps":
 
 def test_lds_settings_are_checked_early():
     with pytest.raises(ValueError, match="unknown key"):
-        L.normalize_lds_setting({**TINY_LDS, "loo_steps": 3})
+        R.normalize_lds_setting({**TINY_LDS, "loo_steps": 3})
     with pytest.raises(ValueError, match="alpha"):
-        L.normalize_lds_setting({**TINY_LDS, "alphas": [0.5, 1.0]})
+        R.normalize_lds_setting({**TINY_LDS, "alphas": [0.5, 1.0]})
     with pytest.raises(ValueError, match="n_subsets"):
-        L.normalize_lds_setting({**TINY_LDS, "n_subsets": 2})
+        R.normalize_lds_setting({**TINY_LDS, "n_subsets": 2})
     with pytest.raises(ValueError, match="methods"):
-        L.normalize_lds_setting({**TINY_LDS, "methods": ["newton"]})
+        R.normalize_lds_setting({**TINY_LDS, "methods": ["newton"]})
     with pytest.raises(ValueError, match="loo_points"):
-        L.normalize_lds_setting({**TINY_LDS, "loo_points": 2})
+        R.normalize_lds_setting({**TINY_LDS, "loo_points": 2})
     with pytest.raises(ValueError, match="runner must be one of"):
         sweep.setting_key({**TINY_LDS, "runner": "other"})
 
@@ -404,7 +405,7 @@ def test_lds_records_through_the_sweep(tmp_path):
         assert all(v is None or -1 <= v <= 1 for v in me["per_test"])
     assert e["methods"]["cg"]["per_test"] == pytest.approx(e["methods"]["exact"]["per_test"], abs=1e-6)
     assert len(r["loo"]["removed"]) == 120 and "loo_oracle" in e
-    frame = L.to_frame(recs)
+    frame = R.to_frame(recs)
     assert set(frame.method) == {"exact", "cg", "loo_oracle"}
     again = sweep.run_grid("lds", sweep.expand(TINY_LDS, seeds=[0]), root=tmp_path, jobs=1, progress=False)
     assert again == recs  # resumed from the record, not recomputed

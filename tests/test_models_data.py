@@ -241,7 +241,7 @@ def test_imagenet_style_folder_loads_and_feeds_a_noise_record(tmp_path):
     and runs through the ground-truth chapter's record end to end."""
     from PIL import Image
 
-    from influence_lib.noise import run_noise_setting
+    from influence_lib.experiments.noise import run_noise_setting
 
     rng = np.random.default_rng(0)
     for split, count in (("train", 6), ("val", 3)):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from influence_lib.noise import noise_key, noise_summary, run_noise_grid, run_noise_setting
+from influence_lib.experiments.noise import noise_key, noise_summary, run_noise_grid, run_noise_setting
 
 TINY = {"dataset": "iris", "n_train": 60, "n_test": 20, "width": 4, "steps": 200, "k": 3, "method": "exact",
         "runs": [{"steps": 20, "batch_size": None, "seed": 0}, {"steps": 40, "batch_size": None, "seed": 0},

@@ -233,8 +233,9 @@ TINY = {"dataset": "iris", "depth": 1, "width": 3, "activation": "tanh", "steps"
 
 
 def test_experiment_records_pbrf_and_gauss_newton_without_changing_other_keys():
-    from influence_lib import sweep
-    from influence_lib.experiment import normalize_setting, run_setting
+    from influence_lib import experiments as sweep
+    from influence_lib.experiments.run_influence import run_setting
+    from influence_lib.experiments.settings import normalize_setting
 
     # the optional keys at their defaults leave the setting (and so every existing record's key) unchanged
     assert normalize_setting({**TINY, "pbrf": False, "curvatures": ["hessian"], "pbrf_steps": 1000}) \
@@ -257,7 +258,7 @@ def test_experiment_records_pbrf_and_gauss_newton_without_changing_other_keys():
 
 
 def test_experiment_rejects_bad_pbrf_settings():
-    from influence_lib.experiment import normalize_setting
+    from influence_lib.experiments.settings import normalize_setting
 
     with pytest.raises(ValueError, match="curvatures"):
         normalize_setting({**TINY, "curvatures": ["newton"]})

@@ -1,48 +1,75 @@
-"""Records, resumable sweeps, atomic writes, early validation."""
+"""The apparatus: records, the store, resumable sweeps, claims, early validation, the command line."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from influence_lib import sweep
-from influence_lib.experiment import normalize_setting, run_setting
+from influence_lib import experiments as ex
+from influence_lib.experiments import executor, presets, run_influence, store
+from influence_lib.experiments.record import corr
+from influence_lib.experiments.runners import normalize_any
+from influence_lib.experiments.settings import normalize_setting
+from influence_lib.experiments.sweep import build_settings, main
+from influence_lib.metrics import top_k
 
 TINY = {"dataset": "iris", "depth": 1, "width": 3, "steps": 60, "loo_steps": 15, "n_random_test": 1,
         "methods": ["exact", "cg"], "weight_decay": 0.01, "damping": 1.0}
+REPO = store.book_root(os.path.dirname(__file__))
 
 
 def test_record_contents_and_determinism():
-    a = run_setting(TINY)
+    a = run_influence.run_setting(TINY)
+    assert a["schema"] == 2 and a["kind"] == "influence"
     assert a["dataset"]["name"] == "iris" and not a["dataset"]["substitute"]
     assert len(a["removed"]) == a["dataset"]["n_train"] == 120
-    roles = [p["role"] for p in a["test_points"]]
-    assert roles == ["highest", "median", "random"]
+    assert [p["role"] for p in a["test_points"]] == ["highest", "median", "random"]
     p = a["test_points"][0]
     assert len(p["predicted"]) == len(p["actual"]) == 120
     assert -1 <= p["all"]["spearman"] <= 1
     assert p["estimators"]["cg"]["relative_error"] < 1e-6
     assert a["spectrum"]["lambda_max"] > 0
     assert len(a["param_change_norms"]["predicted"]) == 120
-    b = run_setting(TINY)
+    assert {"healthy", "reasons", "train_accuracy", "chance_accuracy", "grad_norm"} <= set(a["health"])
+    b = run_influence.run_setting(TINY)
     assert a["test_points"] == b["test_points"]  # a rerun reproduces the record's numbers
 
 
+def test_stored_metrics_are_recomputed_exactly_from_the_stored_vectors(tmp_path):
+    """Lossless records: every correlation in a record is what the stored vectors give, to the last bit."""
+    (rec,) = ex.run_grid("t", [TINY], root=tmp_path, jobs=1, progress=False)
+    assert "error" not in rec
+    for tp in rec["test_points"]:
+        pred, act = np.array(tp["predicted"]), np.array(tp["actual"])
+        assert corr(pred, act) == tp["all"]
+        k = min(rec["setting"]["k"], len(pred))
+        top = top_k(pred, k)
+        assert corr(pred[top], act[top]) == tp[f"top{k}_influence"]
+
+
 def test_sweep_is_resumable_and_atomic(tmp_path, monkeypatch):
-    settings = sweep.expand(TINY, {"width": [2, 3]}, seeds=[0])
-    recs = sweep.run_grid("t", settings, root=tmp_path, jobs=1, progress=False)
+    settings = ex.expand(TINY, {"width": [2, 3]}, seeds=[0])
+    recs = ex.run_grid("t", settings, root=tmp_path, jobs=1, progress=False)
     assert len(recs) == 2 and all("error" not in r for r in recs)
     paths = sorted((tmp_path / "t").glob("*.json"))
     assert len(paths) == 2
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in paths)  # readable by the team, not 0600
     mtimes = [p.stat().st_mtime_ns for p in paths]
     calls = []
-    monkeypatch.setattr(sweep, "run_setting", lambda s: calls.append(s) or run_setting(s))
-    sweep.run_grid("t", settings, root=tmp_path, jobs=1, progress=False)
+    real = run_influence.run_setting
+    monkeypatch.setattr(run_influence, "run_setting", lambda s: calls.append(s) or real(s))
+    ex.run_grid("t", settings, root=tmp_path, jobs=1, progress=False)
     assert calls == [] and [p.stat().st_mtime_ns for p in paths] == mtimes  # nothing recomputed
     paths[0].unlink()  # an interrupted sweep: one record missing
-    again = sweep.run_grid("t", settings, root=tmp_path, jobs=1, progress=False)
+    again = ex.run_grid("t", settings, root=tmp_path, jobs=1, progress=False)
     assert len(calls) == 1
-    assert again == recs or [r["test_points"] for r in again] == [r["test_points"] for r in recs]
+    assert [r["test_points"] for r in again] == [r["test_points"] for r in recs]
+    assert not list((tmp_path / "t").glob("*.lock"))  # every claim released
 
 
 def test_write_atomic_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -54,73 +81,188 @@ def test_write_atomic_leaves_nothing_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(json, "dump", broken_dump)
     with pytest.raises(KeyboardInterrupt):
-        sweep.write_atomic(target, {"a": 1})
+        ex.write_atomic(target, {"a": 1})
     assert not target.exists() and list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     with pytest.raises(ValueError):
-        sweep.write_atomic(target, {"a": float("nan")})  # non-finite values never reach a record
+        ex.write_atomic(target, {"a": float("nan")})  # non-finite values never reach a record
     assert not target.exists()
 
 
-def test_failures_are_recorded_and_retried(tmp_path):
-    bad = {**TINY, "optimizer": "sgd", "lr": 1e200, "activation": "relu"}
-    (rec,) = sweep.run_grid("f", [bad], root=tmp_path, jobs=1, progress=False)
+def test_a_corrupt_record_is_named_set_aside_and_computed_again(tmp_path):
+    (rec,) = ex.run_grid("t", [TINY], root=tmp_path, jobs=1, progress=False)
+    path = ex.record_path("t", TINY, tmp_path)
+    path.write_text(path.read_text()[:100])  # truncated
+    with pytest.warns(store.CorruptRecordWarning, match=path.name):
+        (again,) = ex.run_grid("t", [TINY], root=tmp_path, jobs=1, progress=False)
+    assert again["test_points"] == rec["test_points"]
+    assert path.with_name(path.name + ".corrupt").exists()
+
+
+def test_failures_are_recorded_and_computed_again_on_the_next_run(tmp_path, monkeypatch):
+    bad = {**TINY, "optimizer": "sgd", "lr": 1e200}
+    (rec,) = ex.run_grid("f", [bad], root=tmp_path, jobs=1, progress=False)
     assert "NonFiniteError" in rec["error"]
-    ok, failed = sweep.split_failed([rec])
+    ok, failed = ex.split_failed([rec])
     assert ok == [] and failed == [rec]
-    assert len(sweep.to_frame([rec])) == 0
+    assert len(ex.to_frame([rec])) == 0
+    # a cached error never outlives its cause: the next run computes the setting again
+    calls = []
+    monkeypatch.setattr(run_influence, "run_setting", lambda s: calls.append(s) or {"setting": s, "fixed": True})
+    (again,) = ex.run_grid("f", [bad], root=tmp_path, jobs=1, progress=False)
+    assert len(calls) == 1 and again.get("fixed") and "error" not in again
 
 
 def test_bad_settings_fail_before_any_work():
     with pytest.raises(ValueError, match="unknown key"):
-        sweep.expand(TINY, {"depht": [1]})
+        ex.expand(TINY, {"depht": [1]})
     with pytest.raises(ValueError, match="methods"):
         normalize_setting({"methods": ["newton"]})
     with pytest.raises(ValueError, match="remove"):
         normalize_setting({"remove": "some"})
-    with pytest.raises(ValueError, match="depth"):
-        run_setting({**TINY, "depth": 0})
-    with pytest.raises(ValueError, match="dataset|name"):
-        run_setting({**TINY, "dataset": "imagenette"})
+    for key, value in [("depth", 0), ("depth", "a"), ("width", -1), ("damping", -1.0), ("loo_steps", 1e3),
+                       ("lr", 0), ("seed", -1), ("model", "transformer"), ("dtype", "float16")]:
+        with pytest.raises(ValueError, match=key):
+            normalize_setting({**TINY, key: value})
+    with pytest.raises(ValueError, match="seeds"):
+        ex.expand(TINY, {}, seeds=[])
 
 
-def test_setting_key_is_stable_and_complete():
-    assert sweep.setting_key(TINY) == sweep.setting_key(dict(reversed(list(TINY.items()))))
-    assert sweep.setting_key(TINY) == sweep.setting_key({**TINY, "loo_reference": "retrained"})  # a default
-    assert sweep.setting_key(TINY) != sweep.setting_key({**TINY, "seed": 1})
+def test_equal_numbers_are_one_setting_and_one_key():
+    assert ex.setting_key({**TINY, "weight_decay": 0}) == ex.setting_key({**TINY, "weight_decay": 0.0})
+    assert ex.setting_key({**TINY, "damping": 1}) == ex.setting_key(TINY)
+    assert ex.setting_key(TINY) == ex.setting_key(dict(reversed(list(TINY.items()))))
+    assert ex.setting_key(TINY) == ex.setting_key({**TINY, "loo_reference": "retrained"})  # a default
+    assert ex.setting_key(TINY) != ex.setting_key({**TINY, "seed": 1})
 
 
-def test_a_committed_record_is_reproduced_by_rerunning_its_setting():
-    """The book's records are not frozen numbers: rerunning the cheapest committed default-profile record
-    (the convex Iris baseline, about 15 s) gives the same predicted and actual loss changes."""
-    folder = sweep.REPO_ROOT / "results" / "convex-iris"
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    records = [r for r in records if "error" not in r]
-    if not records:
-        pytest.skip("no committed convex-iris records")
-    rec = min(records, key=lambda r: r["timings"]["total"])
-    again = run_setting(rec["setting"])
+def test_every_committed_record_has_the_key_of_its_setting_and_belongs_to_a_book_grid():
+    """The store's keys are stable across refactors: each committed file is named by the hash of its setting,
+    and every book grid's settings map onto committed files (so the book renders without recomputing)."""
+    if REPO is None or not (REPO / "results").is_dir():
+        pytest.skip("no checkout with committed records")
+    for name in presets.GRIDS:
+        folder = REPO / "results" / name
+        if not folder.is_dir():
+            assert name in presets.INCOMPLETE, f"{name}: no committed records"
+            continue
+        kind = presets.KINDS.get(name)
+        for p in folder.glob("*.json"):
+            assert ex.setting_key(json.loads(p.read_text())["setting"], kind) == p.stem, p
+        keys = {ex.setting_key(s, kind) for s in presets.settings(name, "default")}
+        complete = keys <= {p.stem for p in folder.glob("*.json")}
+        # a grid is complete unless presets.INCOMPLETE says why not; an entry there must go once it is complete
+        assert complete != (name in presets.INCOMPLETE), (name, presets.INCOMPLETE.get(name))
+
+
+def _committed(name):
+    folder = REPO / "results" / name if REPO else None
+    if folder is None or not folder.is_dir():
+        pytest.skip(f"no committed {name} records")
+    recs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    recs = [r for r in recs if "error" not in r]
+    if not recs:
+        pytest.skip(f"no successful committed {name} records")
+    return min(recs, key=lambda r: r["timings"]["total"])
+
+
+def _round8(values):
+    return [None if v is None else float(f"{v:.8g}") for v in values]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convex-iris", "pbrf", "mnist", "iris"])
+def test_a_committed_record_is_reproduced_by_rerunning_its_setting(name):
+    """The book's records are not frozen numbers: rerunning the cheapest committed record of a sweep gives the
+    same removals and the same predicted and actual loss changes. Records of schema 1 kept 8 significant digits;
+    BLAS kernels may differ in the last bits across machines, hence rtol 1e-6 on the rounded values. (The cheapest
+    record of each sweep that runs in seconds; the other sweeps are checked by benchmarks/rerun_records.py.)"""
+    rec = _committed(name)
+    again = run_influence.run_setting(rec["setting"])
     assert again["removed"] == rec["removed"]
     for a, b in zip(again["test_points"], rec["test_points"], strict=True):
         assert a["index"] == b["index"] and a["role"] == b["role"]
         for field in ("predicted", "actual"):
-            # records keep 8 significant digits; BLAS may differ in the last bits across machines
-            np.testing.assert_allclose(a[field], b[field], rtol=1e-6, atol=1e-12)
-        assert a["all"]["spearman"] == pytest.approx(b["all"]["spearman"], abs=1e-6)
+            np.testing.assert_allclose(_round8(a[field]), b[field], rtol=1e-6, atol=1e-12)
+    # (not the correlations: on partly dead models many values are near-ties, whose ranks flip with last-bit
+    # differences of the vectors; the vectors are what is reproduced, the correlations follow from them)
 
 
-def test_a_record_written_by_a_concurrent_sweep_is_not_recomputed(tmp_path, monkeypatch):
-    """Two sweeps over one folder: a setting the other sweep finished after this one started is skipped."""
-    settings = sweep.expand(TINY, {"width": [2, 3]}, seeds=[0])
-    first = run_setting(settings[1])
-    calls = []
+def test_a_setting_claimed_by_a_live_process_is_not_computed_twice(tmp_path, monkeypatch):
+    """Two sweeps of one grid: a setting another live process has claimed is left to it and waited for."""
+    settings = ex.expand(TINY, {"width": [2, 3]}, seeds=[0])
+    first = run_influence.run_setting(settings[1])
+    other = ex.record_path("c", settings[1], tmp_path)
+    other.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other.with_suffix(".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
+                                                          "time": time.time()}))
+        calls = []
+        real = run_influence.run_setting
 
-    def fake_run(s):
-        calls.append(s)
-        if len(calls) == 1:  # while this sweep computes its first setting, "another sweep" writes the second
-            sweep.write_atomic(sweep.record_path("c", settings[1], tmp_path), first)
-        return run_setting(s)
+        def fake_run(s):
+            calls.append(s)
+            # while this sweep computes its first setting, "the other sweep" finishes the second and releases it
+            store.write_atomic(other, first)
+            store.release(other)
+            return real(s)
 
-    monkeypatch.setattr(sweep, "run_setting", fake_run)
-    recs = sweep.run_grid("c", settings, root=tmp_path, jobs=1, progress=False)
+        monkeypatch.setattr(run_influence, "run_setting", fake_run)
+        recs = ex.run_grid("c", settings, root=tmp_path, jobs=1, progress=False)
+    finally:
+        holder.kill()
     assert calls == [settings[0]] and recs[1]["test_points"] == first["test_points"]
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(tmp_path):
+    path = ex.record_path("d", TINY, tmp_path)
+    path.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.with_suffix(".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "time": 0}))
+    assert store.claim(path)
+    store.release(path)
+
+
+def test_records_do_not_depend_on_the_number_of_jobs(tmp_path):
+    settings = ex.expand(TINY, {"width": [2, 3]}, seeds=[0])
+    a = ex.run_grid("j1", settings, root=tmp_path, jobs=1, progress=False)
+    b = ex.run_grid("j2", settings, root=tmp_path, jobs=2, progress=False)
+    assert [r["test_points"] for r in a] == [r["test_points"] for r in b]
+    assert {r["versions"]["threads"] for r in a + b} == {str(executor.threads_per_setting())}
+
+
+def test_the_command_line_refuses_a_bad_grid_before_any_work(tmp_path, capsys):
+    for argv, message in [(["nosuch"], "sweep name must be one of"), (["iris", "--seeds", "0"], "count must be"),
+                          (["iris", "--seeds", "-1"], "seeds"), (["iris", "--grid", "depth=a"], "depth"),
+                          (["iris", "--grid", "depth=0"], "depth"), (["iris", "--set", "width=-1"], "width"),
+                          (["iris", "--set", "damping=-1"], "damping"),
+                          (["iris", "--set", "loo_steps=1e3"], "loo_steps"), (["iris", "--jobs", "0"], "jobs")]:
+        t = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--results", str(tmp_path)])
+        assert e.value.code == 2 and time.perf_counter() - t < 1.0
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_user_runs_go_to_their_own_folder_and_the_book_grid_to_the_records(monkeypatch, tmp_path):
+    monkeypatch.setenv("IL_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("IL_RESULTS", str(tmp_path / "results"))
+    assert store.runs_dir("default") == tmp_path / "runs"
+    assert store.results_dir("quick") == tmp_path / "results" / "quick"
+    book = build_settings("iris", [], [], None, True, "quick")
+    assert len(book) == len(presets.settings("iris", "quick"))
+    mine = build_settings("iris", ["depth=1"], ["steps=20"], "2", False, "quick")
+    assert [s["seed"] for s in mine] == [0, 1] and all(normalize_any(s)["steps"] == 20 for s in mine)
+
+
+def test_the_library_imports_nothing_of_the_apparatus_or_the_checkout(tmp_path):
+    """`import influence_lib` from outside the checkout loads no apparatus module and touches no repository path."""
+    code = ("import sys, influence_lib as il; "
+            "bad = [m for m in sys.modules if m.startswith('influence_lib.experiments')]; "
+            "assert not bad, bad; print('ok')")
+    env = {**os.environ, "PYTHONPATH": str(REPO) if REPO else ""}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

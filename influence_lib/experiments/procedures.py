@@ -213,7 +213,7 @@ def effects(models, depth_width: int | None = None, wd_pair: tuple[float, float]
 
     Each entry: ``{"estimate", "lo", "hi", "n", "verdict"}``.
     """
-    from .metrics import mean_ci
+    from ..metrics import mean_ci
     from .report import slope_ci, verdict
 
     out: dict[str, dict[str, Any]] = {}

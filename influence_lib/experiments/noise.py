@@ -8,16 +8,13 @@ predicted effect ``(1/n) g_test^T (H + lambda I)^{-1} g_i`` and against the spre
 across removed points (the signal the correlation has to find).
 
 A noise *setting* is a flat dict (see :data:`NOISE_DEFAULTS`); :func:`run_noise_setting` returns a record;
-:func:`run_noise_grid` stores records as ``<root>/<name>/<key>.json`` like :mod:`influence_lib.sweep` and
+:func:`run_noise_grid` stores records as ``<root>/<name>/<key>.json`` like every other kind and
 computes only the missing ones.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,14 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import load_dataset
-from .experiment import DTYPES, _corr, _round, versions
-from .influence import InfluenceCalculator
-from .metrics import top_k
-from .models import build_model, count_params
-from .retrain import retrain_without, train_model
-from .sweep import json_finite, write_atomic
-from .validation import check_choice
+from ..data import load_dataset
+from ..influence import InfluenceCalculator
+from ..metrics import top_k
+from ..models import build_model, count_params, last_layer_params
+from ..retrain import retrain_without, train_model
+from ..validation import check_choice
+from .executor import run_grid
+from .record import corr as _corr
+from .record import dataset_block, finish_record
+from .record import vector as _round
+from .runners import setting_key
+from .settings import DTYPES, canonical_numbers, check_common
 
 NOISE_DEFAULTS: dict[str, Any] = {
     "dataset": "mnist-small",
@@ -73,9 +74,8 @@ def normalize_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(setting) - set(NOISE_DEFAULTS))
     if unknown:
         raise ValueError(f"noise setting: unknown key(s) {unknown}; accepted: {sorted(NOISE_DEFAULTS)}")
-    s = {**NOISE_DEFAULTS, **setting}
-    check_choice("dtype", s["dtype"], DTYPES)
-    check_choice("params", s["params"], ("all", "last"))
+    s = canonical_numbers({**NOISE_DEFAULTS, **setting}, NOISE_DEFAULTS)
+    check_common(s)
     for r in s["roles"]:
         check_choice("roles", r, ("highest", "median"))
     if not isinstance(s["k"], int) or s["k"] < 2:
@@ -86,8 +86,8 @@ def normalize_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
 
 
 def noise_key(setting: dict[str, Any]) -> str:
-    blob = json.dumps(normalize_noise_setting(setting), sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    """The record key of a noise setting (the hash of its canonical form)."""
+    return setting_key(setting, "noise")
 
 
 def run_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
@@ -121,8 +121,6 @@ def run_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
     test = (data.X_test[sel], data.y_test[sel])
 
     t = time.perf_counter()
-    from .models import last_layer_params
-
     params = None if s["params"] == "all" else last_layer_params(model)
     calc = InfluenceCalculator(model, loss_fn, train, weight_decay=s["weight_decay"], damping=s["damping"],
                                method=s["method"], params=params, **s["method_options"])
@@ -145,39 +143,22 @@ def run_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
     timings["loo"] = sum(r["seconds"] for r in runs)
     timings["total"] = time.perf_counter() - t_all
     rem = remove.numpy()
-    return {
-        "setting": s,
-        "dataset": {"requested": data.requested, "name": data.name, "source": data.source, "n_train": n,
-                    "n_test": len(data.y_test), "substitute": data.is_substitute},
+    body = {
+        "dataset": dataset_block(data),
         "model": {"n_params": count_params(model), "n_params_influence": calc.objective.p},
         "training": {**fit, "test_accuracy": test_acc},
         "test_points": [{"role": r, "index": index[r], "test_loss": float(test_losses[index[r]]),
                          "predicted": _round(pred[j, remove])} for j, r in enumerate(s["roles"])],
         "removed": [int(i) for i in rem],
         "runs": runs,
-        "timings": timings,
-        "versions": versions(),
     }
+    return finish_record("noise", s, body, timings)
 
 
 def run_noise_grid(name: str, settings: Sequence[dict[str, Any]], *, root: Path | str,
-                   recompute: bool = False) -> list[dict[str, Any]]:
-    """Records of ``settings`` under ``<root>/<name>/``, computing (sequentially) only the missing ones."""
-    import os
-
-    recompute = recompute or os.environ.get("IL_RECOMPUTE", "") not in ("", "0")
-    out = []
-    for s in settings:
-        path = Path(root) / name / f"{noise_key(s)}.json"
-        if recompute or not path.exists():
-            try:
-                record = json_finite(run_noise_setting(s))
-            except Exception as e:  # recorded so that the chapter can list it
-                record = {"setting": normalize_noise_setting(s), "error": f"{type(e).__name__}: {e}",
-                          "traceback": traceback.format_exc(limit=5)}
-            write_atomic(path, record)
-        out.append(json.loads(path.read_text()))
-    return out
+                   recompute: bool | None = None, jobs: int | None = 1, progress: bool = True) -> list[dict[str, Any]]:
+    """Records of ``settings`` under ``<root>/<name>/`` (the shared store and executor, kind ``"noise"``)."""
+    return run_grid(name, settings, root=root, recompute=recompute, jobs=jobs, progress=progress, kind="noise")
 
 
 def noise_summary(record: dict[str, Any], base_run: int = 0, seed_runs: Sequence[int] | None = None,
@@ -214,31 +195,10 @@ def noise_summary(record: dict[str, Any], base_run: int = 0, seed_runs: Sequence
 
 
 # --- the ground-truth chapter's settings --------------------------------------------------------------------
-NOISE_PRESET: dict[str, Any] = {
-    "dataset": "mnist-small", "n_test": 200, "model": "mlp", "depth": 1, "width": 16, "dtype": "float64",
-    "weight_decay": 0.001, "optimizer": "adam", "lr": 0.01, "steps": 1500, "method": "cg", "damping": 0.01,
-    "method_options": {"max_iter": 300}, "roles": ["highest", "median"], "k": 5,
-    "runs": [{"steps": 100, "batch_size": None, "seed": 0}, {"steps": 200, "batch_size": None, "seed": 0},
-             {"steps": 200, "batch_size": 50, "seed": 0}, {"steps": 200, "batch_size": 50, "seed": 1},
-             {"steps": 200, "batch_size": 50, "seed": 2}],
-}
-_QUICK_RUNS = [{"steps": 20, "batch_size": None, "seed": 0}, {"steps": 40, "batch_size": None, "seed": 0},
-               {"steps": 40, "batch_size": 20, "seed": 0}, {"steps": 40, "batch_size": 20, "seed": 1}]
-NOISE_GRIDS: dict[str, list[dict[str, Any]]] = {
-    "default": [{"n_train": 150}, {"n_train": 500}, {"n_train": 1500}],
-    "quick": [{"n_train": 60, "n_test": 40, "steps": 200, "runs": _QUICK_RUNS, "k": 3},
-              {"n_train": 240, "n_test": 40, "steps": 200, "runs": _QUICK_RUNS, "k": 3}],
-}
-
-
 def noise_settings(profile: str, overrides: dict[str, Any] | None = None,
                    seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """The ground-truth chapter's noise settings on ``profile`` (``"default"`` or ``"quick"``)."""
-    check_choice("profile", profile, NOISE_GRIDS)
-    out = []
-    for g in NOISE_GRIDS[profile]:
-        for seed in seeds if seeds is not None else [0]:
-            s = {**NOISE_PRESET, **g, **(overrides or {}), "seed": seed}
-            normalize_noise_setting(s)
-            out.append(s)
-    return out
+    from . import presets
+
+    check_choice("profile", profile, ("default", "quick"))
+    return presets.settings("ground-truth", profile, overrides, list(seeds) if seeds is not None else None)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .metrics import mean_ci
-
-REFERENCE_FILE = Path(__file__).resolve().parent.parent / "book" / "reference_values.json"
+from ..metrics import mean_ci
+from .store import reference_file
 
 
 def reference_values() -> dict[str, Any]:
-    """The paper's (and its replication's) reference numbers: ``book/reference_values.json``."""
-    return json.loads(REFERENCE_FILE.read_text())
+    """The paper's (and its replication's) reference numbers: ``book/reference_values.json`` of the checkout."""
+    return json.loads(reference_file().read_text())
 
 
 def aggregate(frame, by: Sequence[str], metrics: Sequence[str], level: float = 0.95):

@@ -1,4 +1,4 @@
-"""A one-minute tour of the public contract: ``python -m influence_lib.demo``.
+"""A one-minute tour of the public contract: ``python -m influence_lib.experiments.demo``.
 
 1. Convex case (L2-regularised logistic regression on Iris): influence scores against exact leave-one-out
    retraining of every training point, trained to convergence; the two should agree almost perfectly.

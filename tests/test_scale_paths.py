@@ -1,0 +1,169 @@
+"""The paths that run at scale: layer-wise EK-FAC scoring with bounded memory, EK-FAC-preconditioned CG, and
+data given as a Dataset / DataLoader. Tiny float64 models; every check is an agreement with a dense or
+independent computation, or an invariance (chunking), never a timing or an exact iteration count."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import influence_lib as il
+from influence_lib.curvature import GaussNewtonOperator, HessianOperator
+from influence_lib.ekfac import EKFACSolver
+from influence_lib.models import mlp
+from influence_lib.objective import Objective
+from influence_lib.preconditioned import ihvp_pcg
+
+D = torch.float64
+influence_mod = importlib.import_module("influence_lib.influence")  # the module (il.influence is the function)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _cnn_data(n=30, m=4):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(n + m, 1, 9, 9, generator=g, dtype=D)
+    y = torch.randint(0, 3, (n + m,), generator=g)
+    return (X[:n], y[:n]), (X[n:], y[n:])
+
+
+def _reference_ekfac_scores(net, train, test, wd, damping):
+    """The flat route: full per-example gradients [n, p] and the EK-FAC solve of the test gradients."""
+    calc = il.InfluenceCalculator(net, F.cross_entropy, train, weight_decay=wd, damping=damping, method="ekfac")
+    Gt, Gi = calc.gradients(test), calc.gradients(train)
+    return (Gi @ calc.ihvp(Gt.T)).T / train[0].shape[0]
+
+
+# --- 1. EK-FAC: layer-wise scores, chunk invariance, no [n, p] --------------------------------------------
+def test_layerwise_ekfac_scores_equal_the_flat_route_for_every_chunking(monkeypatch):
+    net, (train, test) = _cnn(), _cnn_data()
+    want = _reference_ekfac_scores(net, train, test, 1e-2, 0.1)
+    # the layer-wise path must not form the per-example gradients of all parameters at all
+    monkeypatch.setattr(Objective, "per_sample_grads", lambda *a, **k: pytest.fail("flat per-example gradients"))
+    for opts in ({}, {"chunk_size": 7}, {"chunk_size": 1}, {"memory_budget": 1}):
+        got = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="ekfac", damping=0.1,
+                           **opts)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_ekfac_chunks_follow_the_memory_budget():
+    net, (train, _) = _cnn(), _cnn_data()
+    obj = Objective(net, F.cross_entropy, *train, weight_decay=1e-2)
+    small, large = EKFACSolver(obj, damping=0.1, memory_budget=1), EKFACSolver(obj, damping=0.1)
+    assert small.rows == 1 and large.rows == train[0].shape[0]  # 1 byte -> one row; the default fits 30 rows
+    assert EKFACSolver(Objective(net, F.cross_entropy, *train, chunk_size=4), damping=0.1).rows == 4
+    for a, b in zip(small.Lam + small.QA, large.Lam + large.QA, strict=True):
+        torch.testing.assert_close(a.abs(), b.abs(), rtol=1e-9, atol=1e-12)  # eigenvectors up to sign
+    assert large.passes == 2  # factors, then eigenvalue correction
+
+
+def test_sampled_ekfac_is_deterministic_chunk_invariant_and_close_to_exact():
+    net = mlp(4, 3, depth=2, width=6, activation="tanh", seed=0, dtype=D)
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(80, 4, generator=g, dtype=D), torch.randint(0, 3, (80,), generator=g)
+    obj = Objective(net, F.cross_entropy, X, y, weight_decay=1e-2)
+    exact = EKFACSolver(obj, damping=0.1)
+    a = EKFACSolver(obj, damping=0.1, samples=8, seed=1)
+    b = EKFACSolver(Objective(net, F.cross_entropy, X, y, weight_decay=1e-2, chunk_size=9), damping=0.1,
+                    samples=8, seed=1)
+    for la, lb in zip(a.Lam, b.Lam, strict=True):
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-14)  # the signs belong to rows, not chunks
+    V = torch.randn(obj.p, 3, generator=g, dtype=D)
+    # an unbiased estimate of the same matrix: 8 sign vectors per point x 80 points, a loose bound
+    assert il.pearson(a.solve(V).flatten(), exact.solve(V).flatten()) > 0.95
+    with pytest.raises(ValueError, match="samples"):
+        EKFACSolver(obj, damping=0.1, samples=0)
+
+
+def test_other_methods_score_in_row_chunks_without_chunk_size(monkeypatch):
+    net, (train, test) = _cnn(), _cnn_data()
+    want = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="exact", damping=0.1)
+    seen = []
+    orig = Objective.per_sample_grads
+
+    def spy(self, theta, X, y):
+        seen.append(X.shape[0])
+        return orig(self, theta, X, y)
+
+    monkeypatch.setattr(Objective, "per_sample_grads", spy)
+    p = sum(t.numel() for t in net.parameters())
+    monkeypatch.setattr(influence_mod, "SCORE_ONE_PASS_MAX", 5 * p)  # a budget of 5 rows of gradients
+    got = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="exact", damping=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert max(seen) <= 5  # never more than the budget's rows of [rows, p] gradients at once
+
+
+# --- 2. EK-FAC-preconditioned CG ---------------------------------------------------------------------------
+def _ill_conditioned_mlp():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 6, generator=g, dtype=D) * 10 ** torch.linspace(-1.5, 1.5, 6, dtype=D)  # badly scaled
+    y = torch.randint(0, 3, (60,), generator=g)
+    net = mlp(6, 3, depth=1, width=8, activation="tanh", seed=0, dtype=D)
+    il.train_model(net, F.cross_entropy, (X, y), weight_decay=1e-3, optimizer="adam", lr=1e-2, steps=300)
+    return net, X, y
+
+
+def test_ekfac_preconditioned_cg_converges_to_the_dense_solve_in_fewer_steps():
+    net, X, y = _ill_conditioned_mlp()
+    obj = Objective(net, F.cross_entropy, X, y, weight_decay=1e-3)
+    op, lam = GaussNewtonOperator(obj), 1e-3
+    A = op.dense() + lam * torch.eye(obj.p, dtype=D)
+    V = torch.randn(obj.p, 4, generator=torch.Generator().manual_seed(1), dtype=D)
+    want = torch.linalg.solve(A, V)
+    ek = EKFACSolver(obj, damping=lam)
+    X_cg, info_cg = il.ihvp_cg(op, V, lam, tol=1e-10, block=False)
+    X_pcg, info_pcg = ihvp_pcg(op, V, lam, preconditioner=ek, tol=1e-10, block=False)
+    torch.testing.assert_close(X_pcg, want, rtol=1e-7, atol=1e-9)
+    assert max(info_pcg["residual"]) <= 1e-10  # the true residual of the original system
+    # EK-FAC holds the input scaling (condition ~1e5 here) in its Kronecker factor A = E[a a^T], so the
+    # preconditioned spectrum is much tighter; a conservative bound (observed about 0.6x the steps)
+    assert max(info_pcg["iterations"]) < 0.8 * min(info_cg["iterations"])
+    torch.testing.assert_close(X_cg, want, rtol=1e-7, atol=1e-9)
+
+
+def test_pcg_is_one_step_where_ekfac_is_exact():
+    """Linear model + squared error: EK-FAC equals H, the preconditioned operator is I, and CG stops after one
+    step (two allowed: one more for rounding), whatever the conditioning of H."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(50, 5, generator=g, dtype=D) * 10 ** torch.linspace(-2, 2, 5, dtype=D)
+    Y = torch.randn(50, 3, generator=g, dtype=D)
+    model = nn.Linear(5, 3).double()
+    obj = Objective(model, F.mse_loss, X, Y, weight_decay=1e-4)
+    op = HessianOperator(obj, densify=False)
+    V = torch.randn(obj.p, 2, generator=g, dtype=D)
+    want = torch.linalg.solve(op.dense() + 1e-4 * torch.eye(obj.p, dtype=D), V)
+    got, info = ihvp_pcg(op, V, 1e-4, preconditioner=EKFACSolver(obj, damping=1e-4), tol=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert max(info["iterations"]) <= 2
+
+
+def test_cg_with_ekfac_preconditioner_in_influence():
+    net, (train, test) = _cnn(), _cnn_data()
+    kw = dict(weight_decay=1e-2, damping=0.1, curvature="gauss-newton")
+    want = il.influence(net, F.cross_entropy, train, test, method="exact", **kw)
+    got = il.influence(net, F.cross_entropy, train, test, method="cg", preconditioner="ekfac", tol=1e-10, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="preconditioner"):
+        il.influence(net, F.cross_entropy, train, test, method="cg", preconditioner="jacobi", **kw)
+
+
+# --- 3. Data as users hold it ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["exact", "ekfac"])
+def test_dataset_and_dataloader_equal_tensors(method):
+    net, (train, test) = _cnn(), _cnn_data()
+    kw = dict(weight_decay=1e-2, method=method, damping=0.1)
+    want = il.influence(net, F.cross_entropy, train, test, **kw)
+    as_ds = il.influence(net, F.cross_entropy, TensorDataset(*train), TensorDataset(*test), **kw)
+    as_dl = il.influence(net, F.cross_entropy, DataLoader(TensorDataset(*train), batch_size=7),
+                         DataLoader(TensorDataset(*test), batch_size=3), **kw)
+    torch.testing.assert_close(as_ds, want, rtol=0, atol=0)
+    torch.testing.assert_close(as_dl, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        il.influence(net, F.cross_entropy, DataLoader(TensorDataset(*train), shuffle=True), test, **kw)
