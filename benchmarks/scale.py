@@ -275,6 +275,11 @@ def main(argv=None) -> int:
                 for m, S in scores.items():
                     record["methods"][m]["accuracy"] = agreement(S, ref["scores"])
                     print("   accuracy", m, record["methods"][m]["accuracy"], flush=True)
+            if "ekfac" in scores:  # also against exact EK-FAC (all methods' own test rows): cheap, always there
+                for m, S in scores.items():
+                    if m != "ekfac":
+                        rows = min(S.shape[0], scores["ekfac"].shape[0])
+                        record["methods"][m]["vs_exact_ekfac"] = agreement(S[:rows], scores["ekfac"][:rows])
             record["total_s"] = time.perf_counter() - t_start
             atomic_write_json(out_path, record)  # after every step: a run cut short still leaves its results
     record["total_s"] = time.perf_counter() - t_start

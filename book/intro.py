@@ -67,6 +67,20 @@ table = claims.claim_table(records("iris"), records("mnist"), records("cnn"), re
                            ref["findings"], ref["hessian_top_eigenvalue"]["claim"])
 
 # %% [markdown]
+# ## The claims at a glance
+#
+# Each claim's effect on the healthy models with its 95% interval, in units of the claim's equivalence margin (the
+# shaded band is ±margin, so "absent" needs the whole bar inside it), coloured by the verdict; the right margin gives
+# the paper's direction.
+
+# %% tags=["hide-input"]
+# %matplotlib inline
+import matplotlib.pyplot as plt  # noqa: E402
+
+claims.effect_figure(table)
+plt.show()
+
+# %% [markdown]
 # ## The claims and what this book measures
 #
 # One row per claim of the paper. The middle column is computed from the records of the chapter it links to. The
@@ -82,28 +96,19 @@ table = claims.claim_table(records("iris"), records("mnist"), records("cnn"), re
 # %% tags=["hide-input"]
 TITLES = {"iris": "Iris", "hessian": "Hessian spectrum", "mnist": "Small MNIST", "cnn": "Deeper CNNs",
           "test_points": "Test points", "ground_truth": "Ground truth at scale"}
-lines = ["| finding | claim in the paper | what this book measures | models; all-models sensitivity | verdict | chapter |",
-         "| --- | --- | --- | --- | --- | --- |"]
+lines = ["| finding | claim in the paper | healthy models | verdict | chapter |", "| --- | --- | --- | --- | --- |"]
 for c in table:
     note = f" ({c.note})" if c.note else ""
-    models = "; ".join(x for x in (c.excluded, c.sensitivity) if x)
-    lines.append(f"| {c.finding} | {c.paper} | {c.measured} | {models} | **{c.verdict}**{note} "
+    lines.append(f"| {c.finding} | {c.paper} | {c.n_models} of {c.n_total} | **{c.verdict}**{note} "
                  f"| {{doc}}`{TITLES[c.chapter]} <{c.chapter}>` |")
 display(Markdown("\n".join(lines)))
+details = [f"- **{c.finding}** ({TITLES[c.chapter]}): {c.measured}"
+           + "".join(f"; {x}" for x in (c.excluded, c.sensitivity) if x) for c in table]
+display(Markdown("```{dropdown} What each row measures, the excluded models and the all-models sensitivity\n"
+                 + "\n".join(details) + "\n```"))
 display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(ex.book_root())}/`. "
                  + report.provenance(records("iris"))))
 
-# %% [markdown]
-# Each claim's effect on the healthy models with its 95% interval, in units of the claim's equivalence margin (the
-# shaded band is ±margin, so "absent" needs the whole bar inside it), coloured by the verdict; the right margin gives
-# the paper's direction.
-
-# %% tags=["hide-input"]
-# %matplotlib inline
-import matplotlib.pyplot as plt  # noqa: E402
-
-claims.effect_figure(table)
-plt.show()
 
 # %% [markdown]
 # ## Beyond the paper

@@ -266,3 +266,42 @@ def test_the_library_imports_nothing_of_the_apparatus_or_the_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) if REPO else ""}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+SWEEP_SCRIPT = r"""
+import sys
+from influence_lib import experiments as ex
+slow = {"dataset": "iris", "depth": 2, "width": 5, "steps": 200000, "loo_steps": 15, "n_random_test": 1,
+        "methods": ["exact"]}
+if __name__ == "__main__":
+    ex.run_grid("k", ex.expand(slow, {"width": [4, 5]}, seeds=[0]), root=sys.argv[1], jobs=2, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_leaves_no_worker_computing_and_no_partial_record(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "store")])
+    try:
+        deadline = time.time() + 60
+        children = []
+        while time.time() < deadline and len(children) < 2:
+            time.sleep(0.5)
+            children = [c for c in psutil.Process(parent.pid).children(recursive=True)
+                        if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(children) >= 2, "the sweep did not start its workers"
+        time.sleep(2)
+        parent.kill()  # SIGKILL: no cleanup code of the parent runs
+        parent.wait()
+        gone, alive = psutil.wait_procs(children, timeout=30)  # each worker polls its parent every 0.5 s
+        assert not alive, f"workers still running after their sweep was killed: {alive}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    for p in (tmp_path / "store" / "k").glob("*.json"):
+        json.loads(p.read_text())  # nothing half-written (only complete records, if any)
+    # the claims of the dead workers are taken over by the next sweep
+    for lock in (tmp_path / "store" / "k").glob("*.lock"):
+        assert store.claim(lock.with_suffix(".json"))

@@ -601,7 +601,7 @@ def effect_figure(table: Sequence[Claim], ax=None):
 
     rows = list(table)
     if ax is None:
-        _, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4))
+        _, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.6))
     fig = ax.figure
     ys = np.arange(len(rows))[::-1]
     lim = 3.0
@@ -615,12 +615,12 @@ def effect_figure(table: Sequence[Claim], ax=None):
             ax.plot([e], [y], "o", color=col, ms=6, mec="k", mew=0.5)
             lim = max(lim, abs(e))
         else:
-            ax.text(0, y, "no estimate", ha="center", va="center", fontsize=8, color="gray")
+            ax.text(0, y, "no estimate", ha="center", va="center", fontsize=10, color="gray")
     lim = min(lim * 1.15, 100.0)
     side = ax.get_yaxis_transform()  # x in axes units, y in data units
-    ax.text(1.01, ys[0] + 0.7, "paper", transform=side, fontsize=8, ha="left", va="center")
+    ax.text(1.01, ys[0] + 0.7, "paper", transform=side, fontsize=10, ha="left", va="center")
     for y, c in zip(ys, rows, strict=True):
-        ax.text(1.01, y, {1: "→ +", -1: "← −", 0: "↔ any"}[c.direction], transform=side, fontsize=9, ha="left",
+        ax.text(1.01, y, {1: "→ +", -1: "← −", 0: "↔ any"}[c.direction], transform=side, fontsize=11, ha="left",
                 va="center")
     ax.axvspan(-1, 1, color="tab:blue", alpha=0.08, lw=0)
     for x in (-1, 1):
@@ -631,9 +631,10 @@ def effect_figure(table: Sequence[Claim], ax=None):
     ax.set_xticks(ticks, [f"{t:g}".replace("-", "−") for t in ticks])
     ax.set_xlim(-lim, lim)
     ax.set_ylim(ys[-1] - 0.7, ys[0] + 0.7)
-    ax.set_yticks(ys, [f"{c.finding} [{c.chapter}]: {c.verdict}" for c in rows], fontsize=8)
-    ax.set_xlabel("effect in units of its equivalence margin: 95% interval (shaded: inside ±margin)")
+    ax.set_yticks(ys, [f"{c.finding} [{c.chapter}]: {c.verdict}" for c in rows], fontsize=11)
+    ax.tick_params(axis="x", labelsize=10)
+    ax.set_xlabel("effect in units of its equivalence margin: 95% interval (shaded: inside ±margin)", fontsize=11)
     handles = [plt.Line2D([], [], color=v, lw=3, label=k) for k, v in VERDICT_COLOURS.items()]
-    ax.legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=5, frameon=False)
+    ax.legend(handles=handles, fontsize=10, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=5, frameon=False)
     fig.tight_layout()
     return fig
