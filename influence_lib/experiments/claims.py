@@ -601,7 +601,7 @@ def effect_figure(table: Sequence[Claim], ax=None):
 
     rows = list(table)
     if ax is None:
-        _, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.6))
+        _, ax = plt.subplots(figsize=(7, 0.42 * len(rows) + 1.7))  # the page column is about 7 inches wide
     fig = ax.figure
     ys = np.arange(len(rows))[::-1]
     lim = 3.0
@@ -615,26 +615,26 @@ def effect_figure(table: Sequence[Claim], ax=None):
             ax.plot([e], [y], "o", color=col, ms=6, mec="k", mew=0.5)
             lim = max(lim, abs(e))
         else:
-            ax.text(0, y, "no estimate", ha="center", va="center", fontsize=10, color="gray")
+            ax.text(0, y, "no estimate", ha="center", va="center", fontsize=9, color="gray")
     lim = min(lim * 1.15, 100.0)
     side = ax.get_yaxis_transform()  # x in axes units, y in data units
-    ax.text(1.01, ys[0] + 0.7, "paper", transform=side, fontsize=10, ha="left", va="center")
+    ax.text(1.01, ys[0] + 0.7, "paper", transform=side, fontsize=9, ha="left", va="center")
     for y, c in zip(ys, rows, strict=True):
-        ax.text(1.01, y, {1: "→ +", -1: "← −", 0: "↔ any"}[c.direction], transform=side, fontsize=11, ha="left",
+        ax.text(1.01, y, {1: "→ +", -1: "← −", 0: "↔ any"}[c.direction], transform=side, fontsize=10, ha="left",
                 va="center")
     ax.axvspan(-1, 1, color="tab:blue", alpha=0.08, lw=0)
     for x in (-1, 1):
         ax.axvline(x, color="tab:blue", lw=0.8, ls="--")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xscale("symlog", linthresh=2.0, linscale=1.5)
-    ticks = [t for t in (-100, -30, -10, -3, -1, 0, 1, 3, 10, 30, 100) if abs(t) <= lim]
+    ticks = [t for t in (-100, -10, -3, -1, 0, 1, 3, 10, 100) if abs(t) <= lim]
     ax.set_xticks(ticks, [f"{t:g}".replace("-", "−") for t in ticks])
     ax.set_xlim(-lim, lim)
     ax.set_ylim(ys[-1] - 0.7, ys[0] + 0.7)
-    ax.set_yticks(ys, [f"{c.finding} [{c.chapter}]: {c.verdict}" for c in rows], fontsize=11)
-    ax.tick_params(axis="x", labelsize=10)
-    ax.set_xlabel("effect in units of its equivalence margin: 95% interval (shaded: inside ±margin)", fontsize=11)
+    ax.set_yticks(ys, [f"{c.finding} ({c.chapter.replace('_', ' ')})" for c in rows], fontsize=9.5)
+    ax.tick_params(axis="x", labelsize=9)
+    ax.set_xlabel("effect / equivalence margin, 95% interval (shaded: within ±margin)", fontsize=9.5)
     handles = [plt.Line2D([], [], color=v, lw=3, label=k) for k, v in VERDICT_COLOURS.items()]
-    ax.legend(handles=handles, fontsize=10, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=5, frameon=False)
+    ax.legend(handles=handles, fontsize=9, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     return fig

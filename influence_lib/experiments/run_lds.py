@@ -80,6 +80,14 @@ def normalize_lds_setting(setting: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
+def retrain_protocol(s: dict[str, Any]) -> dict[str, Any]:
+    """The retraining options of an LDS setting, shared by its subsets and its leave-one-out contrast."""
+    return {"weight_decay": s["weight_decay"], "optimizer": s["retrain_optimizer"], "lr": s["retrain_lr"],
+            "steps": s["retrain_steps"], "warm_start": s["retrain_warm_start"], "seed": s["seed"],
+            "batch_size": s["retrain_batch_size"], "normalization": s["retrain_normalization"],
+            "chunk_size": s["retrain_chunk_size"]}
+
+
 def run_lds_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
     """One LDS setting end to end -> a record (a JSON-serialisable dict).
 
@@ -144,11 +152,7 @@ def run_lds_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[
     for alpha in s["alphas"]:
         masks = sample_subsets(n, alpha, s["n_subsets"], subset_seed)
         t = time.perf_counter()
-        res = retrain_subsets(model, loss_fn, train, test, masks, weight_decay=s["weight_decay"],
-                              optimizer=s["retrain_optimizer"], lr=s["retrain_lr"], steps=s["retrain_steps"],
-                              warm_start=s["retrain_warm_start"], seed=s["seed"], batch_size=s["retrain_batch_size"],
-                              normalization=s["retrain_normalization"], chunk_size=s["retrain_chunk_size"],
-                              progress=progress)
+        res = retrain_subsets(model, loss_fn, train, test, masks, **retrain_protocol(s), progress=progress)
         timings[f"retrain_alpha_{alpha:g}"] = time.perf_counter() - t
         actual = res.loss_change  # [S, T]
         entry: dict[str, Any] = {
@@ -229,11 +233,7 @@ def _loo_contrast(model: nn.Module, loss_fn: LossFn, train: tuple[Tensor, Tensor
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
         remove = torch.randperm(n, generator=gen)[: s["loo_points"]].sort().values
     t = time.perf_counter()
-    res = retrain_without(model, loss_fn, train, test, remove, weight_decay=s["weight_decay"],
-                          optimizer=s["retrain_optimizer"], lr=s["retrain_lr"], steps=s["retrain_steps"],
-                          warm_start=s["retrain_warm_start"], seed=s["seed"], batch_size=s["retrain_batch_size"],
-                          normalization=s["retrain_normalization"], chunk_size=s["retrain_chunk_size"],
-                          progress=progress)
+    res = retrain_without(model, loss_fn, train, test, remove, **retrain_protocol(s), progress=progress)
     actual = res.loss_change.detach().cpu().numpy()  # [R, T]
     k = min(s["loo_k"], remove.numel())
     out: dict[str, Any] = {"removed": [int(i) for i in remove], "k": k, "methods": {}}
