@@ -56,6 +56,7 @@ from scipy import stats
 
 from influence_lib import experiments as ex
 from influence_lib.experiments import report
+from influence_lib.experiments import stats as verdict_stats
 from influence_lib.experiments.report import fmt_ci, line_ci, slope_ci
 
 ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])  # refuses unknown parameters, parses what papermill passes as text
@@ -69,6 +70,12 @@ print(f"profile {prof!r}: {len(records)} records (the Iris chapter's), {len(ok)}
 if failed:
     display(pd.DataFrame([{**{k: r["setting"][k] for k in ("depth", "width", "weight_decay", "seed")},
                            "error": r["error"]} for r in failed]))
+healthy, excluded = verdict_stats.split_healthy(ok)
+display(Markdown(f"**Model health:** {verdict_stats.exclusion_summary(excluded, len(ok))}. Collapsed models (a constant "
+                 "predictor: only the output biases alive) have a degenerate Hessian that says nothing about depth; "
+                 "they are left out of everything below (the intro's claim table gives the all-models value as a "
+                 "sensitivity row)."))
+ok = healthy
 
 # %% [markdown]
 # ## Measurement
@@ -182,11 +189,12 @@ print(f"claim ({claim['source']}): {claim['claim']}")
 # %% [markdown]
 # The top eigenvalue is also small for degenerate models: a network that memorises the training set (saturated
 # softmax, training loss near zero) or collapses to a constant predictor has almost no curvature left, whatever
-# its depth (see the training diagnostics of the Iris chapter). Such models flatten or reverse a fitted slope.
+# its depth (see the training diagnostics of the Iris chapter). Such models flatten or reverse a fitted slope, which
+# is why the collapsed ones are left out here (the saturated ones, legitimate optima, are kept).
 #
 # ## Does curvature predict the accuracy of the estimates?
 #
-# Across all models (both sweeps, all seeds, with and without weight decay): the Spearman correlation of the
+# Across all healthy models (both sweeps, all seeds, with and without weight decay): the Spearman correlation of the
 # highest-loss test point against the top eigenvalue, the negative mass and the final gradient norm. The rank
 # correlation of each diagnostic with the accuracy is printed below the figure, over all models and within each
 # weight-decay value (weight decay changes both the spectrum and the accuracy, so the pooled correlation can be

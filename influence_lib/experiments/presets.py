@@ -193,7 +193,6 @@ GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
 INCOMPLETE: dict[str, str] = {
     "iris": "the 10-seed, 30-test-point grid is being recomputed seed by seed; the seeds without records are "
             "computed when the chapter is built",
-    "iris-newton": "new sweep; computed after the Iris grid",
 }
 
 #: the runner of each sweep whose settings carry no "runner" key (default: "influence")
