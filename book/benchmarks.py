@@ -328,3 +328,48 @@ if probes is not None:
                      f"{c['compiled_ms_per_product'] / c['eager_ms_per_product']:.2f}x the eager time, so {pays}. "
                      "Not adopted on CPU.")
     display(Markdown("\n".join(lines)))
+
+# %% [markdown]
+# ## At the scale users run it (`scale.py`)
+#
+# A LeNet-style CNN (two 5x5 convolutions with 16 and 32 channels, max-pooling, Linear 512-64-10) on 4,000 MNIST
+# digits with 100 test points, in float32: `benchmarks/scale.py` runs each method in a fresh process and records its
+# wall time, its peak resident memory and the same time in *training-epoch equivalents* (one epoch of Adam with batch
+# 128, measured in the same process). The machine, its load and the command are recorded with the numbers.
+
+# %% tags=["hide-input"]
+scale = load("scale.json")
+if scale is None:
+    display(Markdown("**`benchmarks/results/scale.json` is missing**: run `make bench-compare` to create it."))
+else:
+    pr, mc = scale["problem"], scale["machine"]
+    rows = [{"method": name, "test points": m.get("n_test"), "status": m.get("status"),
+             "time (s)": m.get("time_s"), "epoch equivalents": m.get("epochs"), "peak RSS (MB)": m.get("peak_rss_mb")}
+            for name, m in scale["methods"].items()]
+    display(pd.DataFrame(rows).style.format({"time (s)": "{:.1f}", "epoch equivalents": "{:.1f}",
+                                             "peak RSS (MB)": "{:.0f}"}, na_rep="–").hide(axis="index"))
+    display(Markdown(f"{pr['params']:,} parameters, {pr['n_train']:,} training points ({pr['dataset']}), "
+                     f"{pr['dtype']}, {pr['curvature']} curvature. Measured on {mc['cpu_count']} cores "
+                     f"(load average {mc['loadavg_1_5_15'][0]:.1f} at the start), `{mc['command']}`. "
+                     + scale.get("note", "")))
+
+# %% [markdown]
+# ## Newton-converged leave-one-out (`newton_loo.py`)
+#
+# Leave-one-out retraining of every Iris training point with the book's warm-start Adam protocol and with damped
+# Newton to a relative gradient norm of $10^{-10}$ (`optimizer="newton"`), on the same model, in one run.
+
+# %% tags=["hide-input"]
+nl = load("newton_loo.json")
+if nl is not None:
+    display(pd.DataFrame([{"activation": c["activation"], "weight decay": c["weight_decay"], "depth": c["depth"],
+                           "Adam LOO (s)": c["adam_loo"]["seconds"], "Newton LOO (s)": c["newton_loo"]["seconds"],
+                           "speed-up": c["speedup_adam_over_newton"],
+                           "converged": f"{c['newton_loo']['converged']} of {c['newton_loo']['of']}",
+                           "Adam max grad norm": c["adam_loo"]["max_grad_norm"],
+                           "Newton max grad norm": c["newton_loo"]["max_grad_norm"]} for c in nl["cases"]])
+            .style.format({"Adam LOO (s)": "{:.1f}", "Newton LOO (s)": "{:.1f}", "speed-up": "{:.1f}x",
+                           "Adam max grad norm": "{:.1e}", "Newton max grad norm": "{:.1e}"}).hide(axis="index"))
+    display(Markdown("On ReLU networks the leave-one-out minimisers lie on kinks of the objective, where the gradient "
+                     "never vanishes: Newton is reported as not converged there rather than returned as if it were "
+                     "(the smooth `iris-newton` sweep of the Iris chapter uses tanh units for that reason)."))
