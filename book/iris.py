@@ -64,7 +64,8 @@ ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])
 
 prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
-plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
+# figures are drawn at about the page column's width (7-10 in) so that their text stays legible there
+plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium", "font.size": 11})
 records = ex.chapter_records("iris", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
 ok, failed = ex.split_failed(records)
 print(f"profile {prof!r}: {len(records)} records, {len(ok)} succeeded, {len(failed)} failed")
@@ -152,7 +153,7 @@ def sweeps(frame):
 
 
 def corr_figure(frame, title):
-    fig, axes = plt.subplots(2, len(subsets), figsize=(4.2 * len(subsets), 7), sharey=True)
+    fig, axes = plt.subplots(2, len(subsets), figsize=(10, 7.5), sharey=True)
     for row, (x, part) in enumerate(sweeps(frame).items()):
         agg = report.aggregate(part, ["weight_decay", x], metrics)
         for col, sub in enumerate(subsets):
@@ -194,7 +195,7 @@ corr_figure(per_record, "Mean over all examined test points of each model")
 # to 1 (blue):
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(2, 2, figsize=(12, 5.4), gridspec_kw={"width_ratios": [
+fig, axes = plt.subplots(2, 2, figsize=(10, 5.6), gridspec_kw={"width_ratios": [
     highest[highest.width == W0].depth.nunique(), highest[highest.depth == D0].width.nunique()]})
 for row, (name, frame) in enumerate([("highest-loss point", highest), ("mean over points", per_record)]):
     for ax, (x, part) in zip(axes[row], sweeps(frame).items(), strict=True):
@@ -327,7 +328,7 @@ for r in ok:
                  "norm_pearson": pearson(pred_n, act_n),
                  "log10_median_ratio": float(np.log10(np.median(act_n / np.maximum(pred_n, 1e-300))))})
 norms = pd.DataFrame(rows)
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
 for ax, (x, part) in zip(axes[:2], sweeps(norms).items(), strict=True):
     agg = report.aggregate(part, ["weight_decay", x], ["norm_spearman", "norm_pearson"])
     line_ci(ax, agg, x, "norm_spearman", "o-", " Spearman")
@@ -348,7 +349,8 @@ for wd in WDS:
           f"{10 ** d.log10_median_ratio.median():.3g}; mean Spearman of the norms {d.norm_spearman.mean():.2f}")
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+axes = axes.ravel()
 for ax, (d, wd) in zip(axes, [(D0, WD0), (D0, WD1), (D1, WD0), (D1, WD1)], strict=True):
     r = find_record(d, W0, wd)
     if r is None or not r.get("param_change_norms"):
