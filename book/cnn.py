@@ -113,7 +113,7 @@ display(pd.DataFrame({
 }).style.hide(axis="index"))
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
 sns.stripplot(data=frame, x="model", y="spearman_all", hue="scope", dodge=True, size=8, ax=axes[0])
 axes[0].axhline(0, color="grey", lw=0.5)
 axes[0].set(ylim=(-1, 1), ylabel="Spearman (influence vs LOO)", title="per examined test point")

@@ -101,7 +101,7 @@ def scatter_panel(ax, rec, j, title):
 
 
 shown = [r for r in ok if r["setting"]["seed"] == min(x["setting"]["seed"] for x in ok)]
-fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4), squeeze=False)
+fig, axes = plt.subplots(1, len(shown), figsize=(min(10, 4.2 * len(shown)), 4), squeeze=False)
 for ax, rec in zip(axes[0], shown, strict=True):
     scatter_panel(ax, rec, 0, f"{rec['dataset']['name']}, normalisation '{rec['setting']['loo_normalization']}'"
                               f"\n(highest-loss test point)")

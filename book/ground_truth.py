@@ -102,7 +102,7 @@ fmts = {c: ("{:.2e}" if c in sci else "{:.2f}") for c in cols.values() if c not 
 display(summ[["dataset", *cols]].rename(columns=cols).style.format(fmts, na_rep="n/a").hide(axis="index"))
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 long = summ.melt(id_vars=["n_train", "role"], value_vars=["mean_abs_predicted", "signal_sd_seed", "noise_sd_seed",
                                                            "noise_sd_steps"], var_name="quantity")
 long["quantity"] = long.quantity.map({"mean_abs_predicted": "|predicted| (mean)", "signal_sd_seed": "signal sd",

@@ -63,7 +63,7 @@ ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])
 
 prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
-plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
+plt.rcParams.update({"figure.dpi": 100, "font.size": 11, "axes.titlesize": "medium"})
 records = ex.chapter_records("iris", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
 ok, failed = ex.split_failed(records)
 print(f"profile {prof!r}: {len(records)} records (the Iris chapter's), {len(ok)} succeeded, {len(failed)} failed")
@@ -128,13 +128,16 @@ print(f"{len(spec)} models; depth sweep at width {W0}, width sweep at depth {D0}
 PANELS = [("log10_lambda_max", "log10 λ_max"), ("lambda_min", "λ_min (symlog)"),
           ("neg_fraction", "negative eigenvalues / parameters"), ("log10_negative_mass", "log10 negative mass"),
           ("log10_condition_abs", "log10 condition number")]
-fig, axes = plt.subplots(2, len(PANELS), figsize=(3.4 * len(PANELS), 6.6))
+# one row per diagnostic, the depth sweep left and the width sweep right (five panels side by side are illegible at
+# page width); axes[sweep, diagnostic]
+fig, axes_t = plt.subplots(len(PANELS), 2, figsize=(8, 2.6 * len(PANELS)))
+axes = axes_t.T
 for row, (x, part) in enumerate(sweeps.items()):
     agg = report.aggregate(part, ["weight_decay", x], [m for m, _ in PANELS])
     for col, (m, label) in enumerate(PANELS):
         ax = axes[row, col]
         line_ci(ax, agg, x, m)
-        ax.set(xlabel=x if x == "depth" else f"width (depth {D0})", title=label)
+        ax.set(xlabel=x if x == "depth" else f"width (depth {D0})", ylabel=label)
         ax.set_xticks(sorted(part[x].unique()))
         if m == "lambda_min":
             ax.set_yscale("symlog", linthresh=damping / 10)
@@ -204,7 +207,7 @@ print(f"claim ({claim['source']}): {claim['claim']}")
 DIAG = [("lambda_max", "top eigenvalue λ_max"), ("negative_mass", "negative mass"),
         ("grad_norm", "final gradient norm"), ("condition_abs", "condition number")]
 spec["sweep"] = np.where(spec.depth > D0, "depth sweep", np.where(spec.width > W0, "width sweep", "base model"))
-fig, axes = plt.subplots(1, len(DIAG), figsize=(4 * len(DIAG), 3.8), sharey=True)
+fig, axes = plt.subplots(1, len(DIAG), figsize=(min(10, 4 * len(DIAG)), 3.8), sharey=True)
 for ax, (c, label) in zip(axes, DIAG, strict=True):
     sns.scatterplot(data=spec.assign(x=spec[c].clip(lower=FLOOR)), x="x", y="spearman_highest",
                     hue="weight_decay", style="sweep", palette="colorblind", ax=ax, legend=ax is axes[-1])

@@ -191,7 +191,7 @@ for r in errs.itertuples():
     print(f"{r.model}, seed {r.seed}: {LABELS[r.method]} failed: {r.error[:150]}")
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
 offsets = np.linspace(-0.2, 0.2, len(models))
 panels = [("lds", "LDS (groups, alpha = 0.5)"), ("loo_spearman", "Spearman vs LOO (single removals)")]
 for ax, (metric, title) in zip(axes, panels, strict=True):
@@ -289,7 +289,7 @@ display(Markdown("\n".join(lines)))
 
 # %% tags=["hide-input"]
 example = per_test[(per_test.method == "exact") & (per_test.alpha == 0.5)].dropna(subset=["lds", "loo_spearman"])
-fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
+fig, axes = plt.subplots(1, len(models), figsize=(min(10, 4.2 * len(models)), 4), squeeze=False)
 for ax, lab in zip(axes[0], models, strict=True):
     g = example[example.model == lab]
     ax.plot([-1, 1], [-1, 1], color="grey", lw=0.8, ls="--")
@@ -353,7 +353,7 @@ if worst is not None and len(sing) > 2:
 first = {}
 for r in ok:
     first.setdefault(rec_label(r), r)
-fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
+fig, axes = plt.subplots(1, len(models), figsize=(min(10, 4.2 * len(models)), 4), squeeze=False)
 for ax, lab in zip(axes[0], models, strict=True):
     r = first[lab]
     e = next(x for x in r["lds"] if x["alpha"] == 0.5)

@@ -191,7 +191,7 @@ if len(good):
 # %% tags=["hide-input"]
 ncol = min(len(ok), 3)
 nrow = -(-len(ok) // ncol)
-fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.3 * nrow), squeeze=False)
+fig, axes = plt.subplots(nrow, ncol, figsize=(min(10, 3.4 * ncol), 3.3 * nrow), squeeze=False)
 for ax in axes.ravel()[len(ok):]:
     ax.axis("off")
 for ax, r in zip(axes.ravel(), ok, strict=False):

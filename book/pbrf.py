@@ -75,7 +75,7 @@ ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler'])
 
 prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
-plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
+plt.rcParams.update({"figure.dpi": 100, "font.size": 11, "axes.titlesize": "medium"})
 records = ex.chapter_records("pbrf", prof, overrides, seeds, jobs, scheduler=scheduler)[0]
 ok, failed = ex.split_failed(records)
 print(f"profile {prof!r}: {len(records)} records, {len(ok)} succeeded, {len(failed)} failed")
@@ -191,7 +191,7 @@ agg = report.aggregate(per_record, ["weight_decay", "depth"], METRICS)
 # %% tags=["hide-input"]
 STYLE = {("GN", "PBRF"): ("C1", "o-"), ("H", "PBRF"): ("C1", "s--"), ("GN", "LOO"): ("C0", "o-"),
          ("H", "LOO"): ("C0", "s--")}
-fig, axes = plt.subplots(2, len(WDS), figsize=(6 * len(WDS), 8), sharey="row", squeeze=False)
+fig, axes = plt.subplots(2, len(WDS), figsize=(min(10, 6 * len(WDS)), 8), sharey="row", squeeze=False)
 for col, wd in enumerate(WDS):
     g = agg[np.isclose(agg.weight_decay, wd)].sort_values("depth")
     for row, metric in enumerate(("spearman", "pearson")):
@@ -257,7 +257,7 @@ gn_p, h_p = np.array(tp["curvatures"]["gauss-newton"]["predicted"])[fin], np.arr
 panels = [(gn_p, pb_a[fin], "Gauss-Newton influence", "PBRF change"),
           (gn_p, np.array(tp["actual"])[fin], "Gauss-Newton influence", "LOO change"),
           (h_p, pb_a[fin], "Hessian influence", "PBRF change")]
-fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+fig, axes = plt.subplots(1, 3, figsize=(10, 4.8))
 for ax, (x, y, xl, yl) in zip(axes, panels, strict=True):
     ax.scatter(x, y, s=14, alpha=0.7)
     report.diagonal_symlog(ax, x, y, 1e-3)
@@ -296,7 +296,7 @@ for r in ok:
                           "norm_spearman": corr(spearman, pred[keep], act[keep])})
 conv = pd.DataFrame(conv_rows)
 norms = pd.DataFrame(norm_rows)
-fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
 sns.boxplot(data=conv.dropna(), x="depth", y="log10 relative gradient norm", hue="weight decay", ax=axes[0],
             fliersize=2)
 axes[0].axhline(np.log10(CONV_TOL), color="k", ls="--", lw=0.8)

@@ -63,7 +63,7 @@ print(f"{len(frame)} (model, seed, test point) correlations; test points per mod
 # ## The distribution of correlations across test points
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 sns.violinplot(data=frame, x="model", y="spearman_all", inner=None, color="0.9", cut=0, ax=axes[0])
 sns.stripplot(data=frame, x="model", y="spearman_all", hue="role", hue_order=["random", "median", "highest"],
               size=6, ax=axes[0])

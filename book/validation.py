@@ -60,7 +60,7 @@ ex.parameters(globals(), ['profile', 'seed', 'n_draws', 'ks', 'k_ref', 'n_verdic
 t_start = time.time()
 prof = profile or ex.profile()
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
-plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": "medium"})
+plt.rcParams.update({"figure.dpi": 100, "font.size": 11, "axes.titlesize": "medium"})
 root = ex.results_dir(prof)
 records = ex.chapter_records("iris", prof)[0]
 if not records:
@@ -131,7 +131,7 @@ summ = defined.groupby("k").agg(pairs=("sd", "size"), sd_median=("sd", "median")
                                 p_far_median=("p_far", "median")).reset_index()
 undefined_pairs = int((~np.isfinite(noise[noise.k == ks[0]].rho_n)).sum())
 
-fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 ax = axes[0]
 ax.plot(summ.k, summ.sd_median, "o-", label="median SD of ρ_k")
 ax.fill_between(summ.k, summ.sd_q25, summ.sd_q75, alpha=0.2, label="interquartile range of the SD")
@@ -184,7 +184,7 @@ perms = np.random.default_rng(seed).permuted(np.tile(np.arange(k_ref), (20000, 1
 null_abs = float(np.abs(1 - 6 * ((perms - np.arange(k_ref)) ** 2).sum(1) / (k_ref * (k_ref ** 2 - 1))).mean())
 b = defined[defined.k == k_ref].copy()
 b["inflation"] = b.abs_mean - b["mean"]
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
 for wd, g in b.groupby("weight_decay"):
     axes[0].scatter(g.rho_n, g.abs_mean, s=12, alpha=0.6, label=f"E|ρ_{k_ref}|, wd {wd:g}")
 axes[0].scatter(b.rho_n, b["mean"], s=6, color="grey", alpha=0.4, label=f"E ρ_{k_ref} (signed, both wd)")
@@ -267,7 +267,7 @@ if has_stored:
     point_rules[f"top {k_ref} train loss (stored)"] = stored_table(full, stored_name, "spearman")
 c = pd.concat([t.assign(points=name) for name, t in point_rules.items()], ignore_index=True)
 c["wd"] = c.weight_decay.map(lambda w: f"wd {w:g}")
-fig, ax = plt.subplots(figsize=(11, 3.8))
+fig, ax = plt.subplots(figsize=(10, 3.8))
 sns.boxplot(data=c, x="points", y="value", hue="wd", ax=ax)
 ax.axhline(0, color="grey", lw=0.8)
 ax.set(xlabel="removed points validated on", ylabel="Spearman ρ", ylim=(-1.05, 1.05),
@@ -301,7 +301,7 @@ display(pd.DataFrame(rows).style.hide(axis="index"))
 # %% tags=["hide-input"]
 t = tab_all.copy()
 t["wd"] = t.weight_decay.map(lambda w: f"wd {w:g}")
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
 sns.boxplot(data=t, x="role", y="value", hue="wd", order=["highest", "median", "random"], ax=axes[0])
 axes[0].axhline(0, color="grey", lw=0.8)
 axes[0].set(ylabel=f"Spearman over all {n} points", ylim=(-1.05, 1.05), title="by examined test point")
@@ -397,7 +397,7 @@ by_points = by_points.groupby("points", sort=False).agg(
     **{nm: (nm, lambda v: f"{int(v.sum())} of {len(v)}") for nm in effect_names})
 display(by_points.style.set_caption("procedures that reproduce each effect, by the points validated on"))
 
-fig, axes = plt.subplots(1, len(effect_names), figsize=(4.6 * len(effect_names), 0.42 * len(E) + 1.2), sharey=True)
+fig, axes = plt.subplots(1, len(effect_names), figsize=(min(10, 4.6 * len(effect_names)), 0.42 * len(E) + 1.2), sharey=True)
 axes = np.atleast_1d(axes)
 labels_e = list(E)
 for ax, name in zip(axes, effect_names, strict=True):
