@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .curvature import LinearOperator
-from .solvers import SolverError, ihvp_cg
+from .solvers import SolverError, default_cg_tol, ihvp_cg
 from .validation import check_nonneg, check_positive, check_positive_int
 
 #: continuations with a tighter internal tolerance before giving up on the true residual
@@ -112,7 +112,7 @@ def ihvp_pcg(
     damping: float = 0.0,
     *,
     preconditioner: Any,
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_iter: int | None = None,
     block: bool = True,
 ) -> tuple[Tensor, dict[str, Any]]:
@@ -127,6 +127,7 @@ def ihvp_pcg(
     residual per column), ``products`` (columns multiplied by ``A``), ``restarts``, ``preconditioned``.
     """
     check_nonneg("damping", damping)
+    tol = default_cg_tol(V.dtype) if tol is None else tol  # 1e-8 in float64, 100 eps in lower precision
     check_positive("tol", tol)
     if max_iter is not None:
         check_positive_int("max_iter", max_iter)

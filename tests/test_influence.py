@@ -59,8 +59,8 @@ def test_ridge_influence_matches_exact_loo(normalization):
         agree(pred, loo[:, t])
 
 
-def newton_fit(model, loss_fn, X, y, wd, iters=30, n=None):
-    """Minimise (len(X)/n) loss_fn(X, y) + wd/2 |theta|^2 to machine precision with Newton steps."""
+def newton_fit(model, loss_fn, X, y, wd, iters=60, n=None):
+    """Minimise (len(X)/n) loss_fn(X, y) + wd/2 |theta|^2 to machine precision with damped Newton steps."""
     scale = 1.0 if n is None else len(X) / n
     theta = il.flat_params(model).clone()
     shapes = [p.shape for p in model.parameters()]
@@ -75,7 +75,13 @@ def newton_fit(model, loss_fn, X, y, wd, iters=30, n=None):
         if g.norm() < 1e-13:
             break
         H = torch.autograd.functional.hessian(J, theta)
-        theta = theta - torch.linalg.solve(H, g)
+        step = torch.linalg.solve(H, g)
+        # backtracking: a full Newton step from a start far from the optimum (the model's random initialisation,
+        # which depends on the global RNG and hence on the tests run before) can overshoot on a convex objective
+        t, f0 = 1.0, J(theta)
+        while J(theta - t * step) > f0 + 1e-12 * abs(f0) and t > 1e-8:  # a real increase, not rounding
+            t /= 2
+        theta = theta - t * step
     assert torch.autograd.functional.jacobian(J, theta).norm() < 1e-12
     return theta
 
