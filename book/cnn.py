@@ -140,6 +140,34 @@ display(Markdown(
     + ". The paper's own CIFAR-10 numbers were not recoverable."))
 
 # %% [markdown]
+# ## The verdict
+#
+# Judged by the rule fixed in `influence_lib/experiments/rules.py` (`"cnn depth"`): the common slope of the model's
+# Spearman correlation (top-$k$) on the depth step within each architecture family and weight decay, over the
+# healthy models only. A CNN counts as healthy only if its training reached a stationary point (gradient norm at
+# $\theta^*$ below the limit stated in the rules), which the short training used here does not achieve for most of
+# them: the verdict then says so rather than rest on non-stationary models.
+
+# %% tags=["hide-input"]
+from influence_lib.experiments import claims  # noqa: E402
+
+depths = sorted({(r["setting"]["model"], r["setting"]["depth"]) for r in ok})
+display(Markdown(claims.claim_box(
+    claims.deeper_networks(ok, report.reference_values()["findings"]),
+    paper_protocol="CIFAR-10, a small CNN, VGG-style and ResNet-style networks of full size, with and without "
+                   "weight decay; LiSSA on the last layer; the claim is that deeper networks give worse estimates.",
+    our_protocol=f"{', '.join(sorted({m for m, _ in depths}))} at depth steps "
+                 f"{', '.join(f'{m} {d}' for m, d in depths)} on {ok[0]['dataset']['n_train']} images of "
+                 f"{ok[0]['dataset']['name']}, exact last-layer (and, for the small CNN, full) Hessians, "
+                 f"{len({r['setting']['seed'] for r in ok})} seeds.",
+    divergences="a stand-in data set offline, networks of a few hundred to a thousand parameters, "
+                + ("a single weight decay (no weight-decay-0 arm), " if len({r['setting']['weight_decay'] for r in ok}) == 1
+                   else "")
+                + ("one depth per family (no slope within a family can be fitted), "
+                   if max(sum(1 for m2, _ in depths if m2 == m) for m, _ in depths) < 2 else "")
+                + "and short training (models far from a stationary point are excluded).")))
+
+# %% [markdown]
 # ## What it means
 #
 # * Read the intervals first: with {glue:text}`cnn_n_points` examined test points per model,

@@ -424,6 +424,37 @@ def ihvp_lissa(
 _LISSA_LANCZOS_ITERS = 30
 
 
+def lissa_full_batch_limit(solver: EigenSolver, V: Tensor, *, scale: float,
+                           depth: int) -> tuple[Tensor, dict[str, Any]]:
+    """What full-batch LiSSA (:func:`ihvp_lissa` with ``batch_size=None``, one repeat) returns after ``depth`` steps,
+    in closed form from an exact eigendecomposition ``A = Q diag(lambda) Q^T`` (``solver``, with its damping).
+
+    The recursion ``x_{j+1} = v + (I - B) x_j``, ``B = (A + damping I) / scale``, result ``x_depth / scale``, is the
+    spectral filter ``Q diag(c) Q^T V`` with ``c(mu) = (1 - (1 - mu / scale)^(depth + 1)) / mu`` for the shifted
+    eigenvalues ``mu = lambda + damping`` (``(depth + 1) / scale`` at ``mu = 0``). As ``depth`` grows, ``c -> 1/mu``
+    (the exact solve) wherever ``0 < mu < 2 scale``; elsewhere the series diverges and ``c`` grows geometrically.
+    So the difference from the exact solve is LiSSA's *truncation* error alone, without the sampling noise of
+    mini-batches. ``V``: ``[p]`` or ``[p, k]``; returns ``(X, info)`` with ``info["truncation_factor"]``
+    ``= max |1 - mu / scale|^(depth + 1)`` over the convergent eigenvalues (the share of the slowest eigendirection
+    still missing) and ``info["n_divergent"]``, the number of eigenvalues outside ``(0, 2 scale)``.
+    """
+    check_positive("scale", scale)
+    check_positive_int("depth", depth)
+    Vb, single = _as_block(V)
+    mu = solver.evals + solver.damping  # float64
+    r = 1.0 - mu / scale
+    safe = mu.abs() > 1e-300
+    c = torch.where(safe, (1.0 - r ** (depth + 1)) / torch.where(safe, mu, torch.ones_like(mu)),
+                    torch.full_like(mu, (depth + 1) / scale))
+    X = solver.evecs @ (c.unsqueeze(1) * (solver.evecs.T @ Vb.double()))
+    convergent = r.abs() < 1
+    factor = float((r[convergent].abs() ** (depth + 1)).max()) if convergent.any() else float("nan")
+    info = {"scale": float(scale), "depth": int(depth), "n_divergent": int((~convergent).sum()),
+            "truncation_factor": factor}
+    X = X.to(V.dtype)
+    return (X.squeeze(1) if single else X), info
+
+
 def _check_lissa_spectrum(spectrum: tuple[float, float], scale: float, damping: float) -> None:
     """Refuse a full-batch LiSSA that cannot converge, from Ritz values of ``A + damping I`` (inside its spectrum)."""
     lo, hi = spectrum

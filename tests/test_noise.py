@@ -29,3 +29,27 @@ def test_noise_grid_caches(tmp_path):
 def test_noise_rejects_unknown_key():
     with pytest.raises(ValueError, match="unknown key"):
         noise_key({"nope": 1})
+
+
+def test_run_lengths_in_epochs_mean_the_same_passes_at_every_size():
+    from influence_lib.experiments.noise import run_steps
+
+    assert run_steps({"epochs": 20, "batch_size": 50, "seed": 0}, 150) == 60
+    assert run_steps({"epochs": 20, "batch_size": 50, "seed": 0}, 1200) == 480
+    assert run_steps({"epochs": 20, "batch_size": 50, "seed": 0}, 1201) == 500  # the last, partial batch counts
+    assert run_steps({"epochs": 7, "batch_size": None, "seed": 0}, 1200) == 7  # full batch: one step per epoch
+    assert run_steps({"steps": 33, "batch_size": 50, "seed": 0}, 1200) == 33
+
+
+def test_an_epoch_protocol_records_the_steps_it_took():
+    s = {**TINY, "runs": [{"epochs": 3, "batch_size": None, "seed": 0}, {"epochs": 2, "batch_size": 10, "seed": 0}]}
+    r = run_noise_setting(s)
+    assert [run["steps"] for run in r["runs"]] == [3, 2 * 6]  # n_train 60, batches of 10
+
+
+@pytest.mark.parametrize("runs", [[{"batch_size": None, "seed": 0}],
+                                  [{"steps": 5, "epochs": 5, "batch_size": None, "seed": 0}],
+                                  [{"epochs": 0, "batch_size": None, "seed": 0}]])
+def test_a_run_needs_exactly_one_positive_length(runs):
+    with pytest.raises(ValueError, match="steps|epochs"):
+        noise_key({**TINY, "runs": runs})

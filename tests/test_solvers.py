@@ -97,6 +97,35 @@ def test_lissa_full_batch_converges_to_exact(problem):
     assert info["scale"] == scale
 
 
+@pytest.mark.parametrize("depth", [1, 37, 400])
+def test_lissa_full_batch_limit_is_the_full_batch_recursion(problem, depth):
+    """The closed form equals running full-batch LiSSA for ``depth`` steps (truncated, so not the exact solve)."""
+    from influence_lib.solvers import EigenSolver, lissa_full_batch_limit
+
+    op, H, damping = problem
+    V = rhs(op.size, k=3)
+    scale = float(torch.linalg.eigvalsh(H)[-1] + damping) * 1.2
+    ran, _ = il.ihvp_lissa(op, V, damping, scale=scale, depth=depth)
+    closed, info = lissa_full_batch_limit(EigenSolver(H, damping), V, scale=scale, depth=depth)
+    assert rel_err(closed, ran) < 1e-10
+    assert info["n_divergent"] == 0 and 0 < info["truncation_factor"] < 1
+    if depth == 1:  # far from converged: the truncation error is what the closed form isolates
+        assert rel_err(closed, dense_solve(H, V, damping)) > 1e-2
+
+
+def test_lissa_full_batch_limit_converges_to_exact_and_counts_divergent_directions(nonconvex_problem):
+    from influence_lib.solvers import EigenSolver, lissa_full_batch_limit
+
+    _, _, H, evals = nonconvex_problem
+    V = rhs(H.shape[0], k=2)
+    damping = -float(evals[0]) + 0.05
+    scale = float(evals[-1] + damping) * 1.05
+    X, info = lissa_full_batch_limit(EigenSolver(H, damping), V, scale=scale, depth=200_000)
+    assert rel_err(X, dense_solve(H, V, damping)) < 1e-10 and info["truncation_factor"] < 1e-12
+    _, info = lissa_full_batch_limit(EigenSolver(H, 0.0), V, scale=scale, depth=10)  # negative eigenvalues
+    assert info["n_divergent"] == int((evals < 0).sum()) > 0
+
+
 def test_lissa_default_scale_and_stochastic_batches(convex_problem):
     model, (X, y), H = convex_problem
     obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.05)

@@ -126,6 +126,32 @@ def test_bad_settings_fail_before_any_work():
             normalize_setting({**TINY, key: value})
     with pytest.raises(ValueError, match="seeds"):
         ex.expand(TINY, {}, seeds=[])
+    # the closed-form full-batch LiSSA needs the exact eigendecomposition and the mini-batch run's scale
+    with pytest.raises(ValueError, match="lissa_truncated"):
+        normalize_setting({**TINY, "methods": ["exact", "lissa"], "lissa_truncated": True})
+    with pytest.raises(ValueError, match="lissa_truncated"):
+        normalize_setting({**TINY, "methods": ["cg", "lissa"], "lissa_truncated": True,
+                           "method_options": {"lissa": {"scale": 10.0}}})
+    assert "lissa_truncated" not in normalize_setting({**TINY, "lissa_truncated": False})  # a default: no new key
+
+
+def test_the_full_batch_lissa_of_a_record_is_truncation_alone(tmp_path):
+    """With lissa_truncated, a record's "lissa-truncated" estimator is the full-batch LiSSA of the same scale and
+    depth: its truncation factor is (1 - mu_min / scale)^(depth + 1) of the recorded spectrum, and its distance
+    from the exact scores shrinks to nothing as the depth grows."""
+    base = {**TINY, "methods": ["exact", "lissa"], "lissa_truncated": True}  # damping 1: mu_min / scale ~ 0.02
+    errs, factors = [], []
+    for depth in (20, 3000):
+        s = {**base, "method_options": {"lissa": {"scale": 50.0, "depth": depth, "batch_size": 10}}}
+        (rec,) = ex.run_grid("lt", [s], root=tmp_path, jobs=1, progress=False)
+        info, spec = rec["methods"]["lissa-truncated"], rec["spectrum"]
+        mu_min = spec["lambda_min"] + s["damping"]
+        assert info["n_divergent"] == 0
+        assert info["truncation_factor"] == pytest.approx((1 - mu_min / 50.0) ** (depth + 1), rel=1e-6)
+        errs.append(max(tp["estimators"]["lissa-truncated"]["relative_error"] for tp in rec["test_points"]))
+        factors.append(info["truncation_factor"])
+    assert factors[1] < 1e-20 and errs[1] < 1e-10  # converged: the exact scores
+    assert errs[0] > 1e-2  # 20 terms of the series are far from them
 
 
 def test_equal_numbers_are_one_setting_and_one_key():

@@ -321,6 +321,51 @@ def _lissa_differences(records: Records, method: str):
     return pd.DataFrame(rows, columns=["depth", "width", "weight_decay", "seed", "diff", "rel_err", "healthy"])
 
 
+def _model_spearman_vs_loo(record: dict[str, Any], method: str | None) -> tuple[float, float]:
+    """A model's Fisher-z mean Spearman with LOO of ``method``'s scores (None: the exact / primary scores) over its
+    test points, and the median relative error of ``method`` against the primary scores (NaN for the primary)."""
+    vals, errs = [], []
+    for tp in record["test_points"]:
+        if method is None:
+            vals.append(tp["all"]["spearman"])
+            continue
+        e = (tp.get("estimators") or {}).get(method)
+        if e is None:
+            return NAN, NAN
+        vals.append(e["vs_loo"]["spearman"])
+        errs.append(e.get("relative_error", NAN))
+    return stats.mean_correlation(vals)[0], float(np.nanmedian(errs)) if errs else NAN
+
+
+def lissa_decomposition(records: Records, method: str = "lissa", truncated: str = "lissa-truncated"):
+    """Per model, LiSSA's change of the Spearman correlation with LOO split into its two sources: ``truncation``
+    (full-batch LiSSA at the same scale and depth, in closed form, minus exact), ``sampling`` (mini-batch minus
+    full-batch) and their sum ``total`` (mini-batch minus exact), each a difference of Fisher-z mean Spearmans over
+    the model's test points; with the relative errors of both against the exact scores and the truncation factor
+    ``(1 - mu_min / scale)^(depth + 1)``. Models without both estimators are left out."""
+    import pandas as pd
+
+    rows = []
+    for r in _ok(records):
+        if truncated not in r.get("methods", {}) or "error" in r["methods"].get(truncated, {}) \
+                or "error" in r["methods"].get(method, {"error": "missing"}):
+            continue
+        exact, _ = _model_spearman_vs_loo(r, None)
+        mini, err_mini = _model_spearman_vs_loo(r, method)
+        full, err_full = _model_spearman_vs_loo(r, truncated)
+        s, info = r["setting"], r["methods"][truncated]
+        rows.append({"depth": s.get("depth"), "width": s.get("width"), "weight_decay": s.get("weight_decay"),
+                     "seed": s.get("seed"), "healthy": stats.health_of(r)["healthy"],
+                     "exact": exact, "full_batch": full, "mini_batch": mini,
+                     "truncation": full - exact, "sampling": mini - full, "total": mini - exact,
+                     "rel_err_full_batch": err_full, "rel_err_mini_batch": err_mini,
+                     "truncation_factor": info.get("truncation_factor", NAN),
+                     "n_divergent": info.get("n_divergent", 0)})
+    cols = ["depth", "width", "weight_decay", "seed", "healthy", "exact", "full_batch", "mini_batch", "truncation",
+            "sampling", "total", "rel_err_full_batch", "rel_err_mini_batch", "truncation_factor", "n_divergent"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def _lissa_claim(records: Records, findings: dict[str, str], method: str, key: str) -> Claim:
     rl = R.RULES[key]
     ok = [r for r in _ok(records) if any((tp.get("estimators") or {}).get(method) for tp in r["test_points"])]
@@ -586,6 +631,31 @@ def claim_table(iris: Records, mnist: Records, cnn: Records, test_points: Record
                       hessian_top_eigenvalue(iris, hessian_claim), stochastic_estimation(mnist, findings),
                       stochastic_depth(mnist, findings), deeper_networks(cnn, findings),
                       test_point_dependence(test_points, findings), ground_truth_noise(ground_truth, findings)])
+
+
+def claim_box(c: Claim, paper_protocol: str, our_protocol: str, divergences: str) -> str:
+    """A chapter's verdict as a Markdown admonition: the claim, the paper's protocol and ours, the divergences, the
+    statistic with its interval, the verdict (unadjusted: the intro's table Holm-corrects across all claims), the
+    excluded models and the all-models sensitivity value. Only ``c``'s fields are numbers; the protocols are prose."""
+    margin = f"; equivalence margin ±{c.margin:g} {c.unit}".rstrip() if np.isfinite(c.margin) else ""
+    lines = [f"**Claim** ({c.finding}). {c.paper}",
+             f"**The paper's protocol.** {paper_protocol}",
+             f"**Ours.** {our_protocol}",
+             f"**Divergences.** {divergences}",
+             f"**Statistic.** {c.statistic or 'none'}{margin}. **Measured:** {c.measured}.",
+             f"**Verdict: {c.verdict}**" + (f" ({c.note})" if c.note else "")
+             + " — unadjusted here; the introduction's table applies the Holm correction across all claims.",
+             ]
+    if c.excluded:
+        lines.append(f"**Models.** {c.excluded}.")
+    if c.sensitivity:
+        lines.append(f"**Sensitivity.** {c.sensitivity}.")
+    body = "\n\n".join(lines)
+    return f"```{{admonition}} Verdict: {c.verdict}\n:class: {_BOX_CLASS.get(c.verdict, 'note')}\n{body}\n```"
+
+
+_BOX_CLASS = {"reproduced": "tip", "opposite": "warning", "absent": "important", "not resolved": "note",
+              "no data": "caution"}
 
 
 VERDICT_COLOURS = {"reproduced": "tab:green", "opposite": "tab:red", "absent": "tab:blue",

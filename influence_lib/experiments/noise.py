@@ -56,6 +56,9 @@ NOISE_DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "steps": 2000,
     "method": "cg",
+    # the curvature of the predictions that choose the removals: "gauss-newton" is positive semi-definite, so the
+    # damped system is always solvable (with the Hessian, CG fails on any model whose lambda_min < -damping)
+    "curvature": "hessian",
     "damping": 0.01,
     "params": "all",
     "method_options": {},
@@ -63,10 +66,12 @@ NOISE_DEFAULTS: dict[str, Any] = {
     "k": 10,  # removed points: the k largest |predicted| influences of each examined test point, pooled
     "loo_optimizer": "adam",
     "loo_lr": 0.001,
-    # retraining protocols applied to the same removals; "seed" orders the mini-batches
-    "runs": [{"steps": 300, "batch_size": None, "seed": 0}, {"steps": 600, "batch_size": None, "seed": 0},
-             {"steps": 300, "batch_size": 50, "seed": 0}, {"steps": 300, "batch_size": 50, "seed": 1},
-             {"steps": 300, "batch_size": 50, "seed": 2}],
+    # retraining protocols applied to the same removals; "seed" orders the mini-batches. A run gives either
+    # "steps" or "epochs" (passes over the n training points: steps = epochs * ceil(n / batch_size), or epochs for
+    # a full batch), so that a protocol means the same amount of training at every training-set size
+    "runs": [{"epochs": 300, "batch_size": None, "seed": 0}, {"epochs": 600, "batch_size": None, "seed": 0},
+             {"epochs": 30, "batch_size": 50, "seed": 0}, {"epochs": 30, "batch_size": 50, "seed": 1},
+             {"epochs": 30, "batch_size": 50, "seed": 2}],
 }
 
 
@@ -78,11 +83,27 @@ def normalize_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
     check_common(s)
     for r in s["roles"]:
         check_choice("roles", r, ("highest", "median"))
+    check_choice("curvature", s["curvature"], ("hessian", "gauss-newton"))
     if not isinstance(s["k"], int) or s["k"] < 2:
         raise ValueError(f"k must be an integer >= 2, got {s['k']!r}")
-    if not s["runs"] or any(set(r) - {"steps", "batch_size", "seed"} for r in s["runs"]):
-        raise ValueError("runs must be a non-empty list of {'steps', 'batch_size', 'seed'} dicts")
+    if not s["runs"] or any(not isinstance(r, dict) or set(r) - {"steps", "epochs", "batch_size", "seed"}
+                            or ("steps" in r) == ("epochs" in r) for r in s["runs"]):
+        raise ValueError("runs must be a non-empty list of dicts with 'batch_size', 'seed' and exactly one of "
+                         f"'steps' or 'epochs', got {s['runs']!r}")
+    for r in s["runs"]:
+        length = r.get("steps", r.get("epochs"))
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"a run's steps / epochs must be a positive integer, got {r!r}")
     return s
+
+
+def run_steps(run: dict[str, Any], n: int) -> int:
+    """Optimiser steps of one retraining protocol on ``n`` training points: its ``steps``, or ``epochs`` passes
+    over the data (``epochs * ceil(n / batch_size)``; one step per epoch for a full batch)."""
+    if "steps" in run:
+        return int(run["steps"])
+    b = run["batch_size"]
+    return int(run["epochs"]) * (1 if b is None or b >= n else -(-n // int(b)))
 
 
 def noise_key(setting: dict[str, Any]) -> str:
@@ -123,7 +144,7 @@ def run_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     params = None if s["params"] == "all" else last_layer_params(model)
     calc = InfluenceCalculator(model, loss_fn, train, weight_decay=s["weight_decay"], damping=s["damping"],
-                               method=s["method"], params=params, **s["method_options"])
+                               method=s["method"], params=params, curvature=s["curvature"], **s["method_options"])
     pred = calc.scores(test)  # [T, n]
     timings["influence"] = time.perf_counter() - t
     pool: list[int] = []
@@ -134,11 +155,12 @@ def run_noise_setting(setting: dict[str, Any]) -> dict[str, Any]:
     runs = []
     for run in s["runs"]:
         t = time.perf_counter()
+        steps = run_steps(run, n)
         loo = retrain_without(model, loss_fn, train, test, remove, weight_decay=s["weight_decay"],
-                              optimizer=s["loo_optimizer"], lr=s["loo_lr"], steps=run["steps"],
+                              optimizer=s["loo_optimizer"], lr=s["loo_lr"], steps=steps,
                               batch_size=run["batch_size"], seed=run["seed"], warm_start=True,
                               reference="retrained", progress=False)
-        runs.append({**run, "actual": [_round(a) for a in loo.loss_change.T],  # [T][R]
+        runs.append({**run, "steps": steps, "actual": [_round(a) for a in loo.loss_change.T],  # [T][R]
                      "seconds": time.perf_counter() - t})
     timings["loo"] = sum(r["seconds"] for r in runs)
     timings["total"] = time.perf_counter() - t_all

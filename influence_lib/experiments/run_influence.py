@@ -72,6 +72,11 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
     params = stages.influence_params(model, s)
     scores, method_info, calcs = stages.influence_scores(model, loss_fn, train, sel_test, s, timings,
                                                          curvature=o["curvatures"][0], params=params)
+    if o["lissa_truncated"] and "exact" in calcs:
+        t = time.perf_counter()
+        scores["lissa-truncated"], method_info["lissa-truncated"] = stages.lissa_truncated_scores(
+            calcs["exact"], train, sel_test, s)
+        timings["influence_lissa-truncated"] = time.perf_counter() - t
     primary = s["methods"][0]
     if primary not in scores:
         raise SolverError(f"the primary method {primary!r} failed: {method_info[primary]['error']}")

@@ -87,6 +87,10 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     # point nearest it (influence_lib.newton), every model's convergence recorded; models that miss the tolerance
     # are flagged and left out of that ground truth's correlations
     "loo_newton": False,
+    # LiSSA's truncation error alone: the full-batch LiSSA of the setting's "lissa" options (scale, depth) in closed
+    # form from the exact eigendecomposition (influence_lib.solvers.lissa_full_batch_limit), recorded as the
+    # estimator "lissa-truncated" beside the mini-batch "lissa"; needs methods "exact" and "lissa" and a lissa scale
+    "lissa_truncated": False,
 }
 
 LOSSES = {"cross_entropy": F.cross_entropy}
@@ -177,7 +181,7 @@ def normalize_setting(setting: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"curvatures must be a non-empty list of {list(CURVATURES)}, got {o['curvatures']!r}")
     for c in o["curvatures"]:
         check_choice("curvatures", c, CURVATURES)
-    for key in ("pbrf", "polish", "loo_newton"):
+    for key in ("pbrf", "polish", "loo_newton", "lissa_truncated"):
         if not isinstance(o[key], bool):
             raise ValueError(f"{key} must be True or False, got {o[key]!r}")
     check_choice("pbrf_optimizer", o["pbrf_optimizer"], OPTIMIZERS)
@@ -194,6 +198,11 @@ def normalize_setting(setting: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"setting 'methods' must be a non-empty list of {list(METHODS)}, got {s['methods']!r}")
     for m in s["methods"]:
         check_choice("methods", m, METHODS)
+    if o["lissa_truncated"] and not ({"exact", "lissa"} <= set(s["methods"])
+                                     and s["method_options"].get("lissa", {}).get("scale") is not None):
+        raise ValueError("lissa_truncated=True needs methods 'exact' and 'lissa' and method_options['lissa']['scale'] "
+                         f"(the scale the closed form shares with the mini-batch run), got methods {s['methods']!r} "
+                         f"and method_options {s['method_options']!r}")
     check_common(s)
     check_choice("remove", s["remove"], ("all", "top"))
     check_choice("loss", s["loss"], LOSSES)

@@ -190,6 +190,21 @@ def influence_scores(model: nn.Module, loss_fn, train, test, s: dict[str, Any], 
     return scores, infos, calcs
 
 
+def lissa_truncated_scores(exact: InfluenceCalculator, train, test, s: dict[str, Any]) -> tuple[Tensor, dict]:
+    """Scores ``[T, n]`` of full-batch LiSSA with the setting's lissa ``scale`` and ``depth``, in closed form from
+    the exact calculator's eigendecomposition (its truncation error alone; no mini-batch noise), and the closed form's
+    info (truncation factor, number of divergent eigendirections)."""
+    from ..solvers import lissa_full_batch_limit
+
+    opts = s["method_options"]["lissa"]
+    exact.eigenvalues  # noqa: B018  (builds the eigendecomposition if the exact scores have not)
+    G_test = exact.gradients(test, "test")  # [T, p]
+    X, info = lissa_full_batch_limit(exact.solver, G_test.T, scale=float(opts["scale"]),
+                                     depth=int(opts.get("depth", 1000)))
+    G_train = exact.gradients(train, "train")  # [n, p]
+    return (G_train @ X).T / exact.n_train, info
+
+
 def spectrum(calcs: dict[str, InfluenceCalculator], primary: str, limit: int) -> dict[str, Any]:
     """Curvature summary: exact eigenvalues where the exact method ran, dense up to ``limit`` parameters, else
     Lanczos estimates of the extreme eigenvalues."""
