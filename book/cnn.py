@@ -159,7 +159,7 @@ display(Markdown(claims.claim_box(
     our_protocol=f"{', '.join(sorted({m for m, _ in depths}))} at depth steps "
                  f"{', '.join(f'{m} {d}' for m, d in depths)} on {ok[0]['dataset']['n_train']} images of "
                  f"{ok[0]['dataset']['name']}, exact last-layer (and, for the small CNN, full) Hessians, "
-                 f"{len({r['setting']['seed'] for r in ok})} seeds.",
+                 f"{(ns := len({r['setting']['seed'] for r in ok}))} seed{'s' if ns != 1 else ''}.",
     divergences="a stand-in data set offline, networks of a few hundred to a thousand parameters, "
                 + ("a single weight decay (no weight-decay-0 arm), " if len({r['setting']['weight_decay'] for r in ok}) == 1
                    else "")

@@ -104,28 +104,30 @@ summ["pred_vs_minibatch"] = [
     for x in summ.pred_vs_run_spearman]
 # one row per (n, test point): the median over the theta* seeds of each quantity (the per-model values are in the
 # dropdown below)
-quantities = {"n_removed": "removed", "mean_abs_predicted": "|predicted| (mean)", "signal_sd_seed": "signal sd",
-              "noise_sd_seed": "noise sd (seeds)", "snr_seed": "signal / noise (seeds)",
-              "snr_steps": "signal / noise (steps)", "run_vs_run_spearman_seed": "LOO vs LOO (Spearman)",
-              "pred_vs_minibatch": "influence vs LOO (Spearman)"}
-sci = {"|predicted| (mean)", "signal sd", "noise sd (seeds)"}
-fmts = {c: ("{:.1e}" if c in sci else "{:.0f}" if c == "removed" else "{:.2f}") for c in quantities.values()}
+quantities = {"mean_abs_predicted": "|predicted| (mean)", "signal_sd_seed": "signal sd",
+              "noise_sd_seed": "noise sd (seeds)", "snr_seed": "signal / noise",
+              "run_vs_run_spearman_seed": "LOO vs LOO", "pred_vs_minibatch": "influence vs LOO"}
+more = {"n_removed": "removed", "snr_steps": "signal / noise (steps)", "noise_sd_steps": "noise sd (steps)"}
+sci = {"|predicted| (mean)", "signal sd", "noise sd (seeds)", "noise sd (steps)"}
+fmts = {c: ("{:.1e}" if c in sci else "{:.0f}" if c == "removed" else "{:.2f}")
+        for c in [*quantities.values(), *more.values()]}
 table = (summ.groupby(["n_train", "role"])[list(quantities)].median()
          .join(summ.groupby(["n_train", "role"]).seed.nunique().rename("models")).reset_index()
          .rename(columns={"n_train": "n", "role": "test point", **quantities}))
-display(Markdown("Median over the trained models (seeds) of each size; *LOO vs LOO* is the Spearman correlation "
-                 "of two retrainings of the same removals that differ only in the batch order (the ceiling of any "
-                 "influence-vs-LOO correlation), *influence vs LOO* the mean over the mini-batch runs."))
+display(Markdown("Median over the trained models (seeds) of each size. *Signal / noise*: signal sd over the noise "
+                 "sd across batch-order seeds; *LOO vs LOO*: the Spearman correlation of two retrainings of the "
+                 "same removals that differ only in the batch order (the ceiling of any influence-vs-LOO "
+                 "correlation); *influence vs LOO*: Spearman, mean over the mini-batch runs."))
 display(table.style.format(fmts, na_rep="n/a").hide(axis="index"))
 
 # %% tags=["hide-input", "hide-output"]
 # every trained model (dropdown): the same quantities per seed
-display(summ[["n_train", "seed", "role", *quantities]].rename(columns={"n_train": "n", "role": "test point",
-                                                                       **quantities})
+display(summ[["n_train", "seed", "role", *quantities, *more]].rename(columns={"n_train": "n", "role": "test point",
+                                                                              **quantities, **more})
         .style.format(fmts, na_rep="n/a").hide(axis="index"))
 
 # %% tags=["hide-input"]
-fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+fig, axes = plt.subplots(1, 2, figsize=(10, 5))
 names = {"mean_abs_predicted": "|predicted| (mean)", "signal_sd_seed": "signal sd",
          "noise_sd_seed": "noise sd (seeds)", "noise_sd_steps": "noise sd (steps)"}
 long = summ.melt(id_vars=["n_train", "role", "seed"], value_vars=list(names), var_name="quantity")
@@ -136,13 +138,14 @@ sns.lineplot(data=long, x="n_train", y="log10", hue="quantity", style="role", ma
              errorbar=("se", 2), ax=axes[0])
 axes[0].set(xscale="log", xlabel="training points n", ylabel="log10 test-loss change",
             title="effect sizes and ground-truth noise")
-axes[0].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+axes[0].legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
 summ["log10_snr_seed"] = np.log10(summ.snr_seed)
 sns.lineplot(data=summ, x="n_train", y="log10_snr_seed", hue="role", marker="o", errorbar=("se", 2), ax=axes[1])
 axes[1].axhline(0, color="grey", lw=0.8)
 axes[1].set(xscale="log", xlabel="training points n", ylabel="log10 (signal sd / noise sd)",
             title="signal-to-noise of LOO (seeds)")
-axes[1].legend(title="test point", fontsize=9)
+axes[1].legend(title="test point", fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+               frameon=False)
 for ax in axes:
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.minorticks_off()
@@ -194,9 +197,10 @@ display(Markdown(claims.claim_box(
     gt_claim,
     paper_protocol="ImageNet (about 1.3 million images), a ResNet; the claim is qualitative (LOO retraining "
                    "becomes unreliable at this scale), no number is given.",
-    our_protocol=f"an MLP (one hidden layer of 16) on {len(sizes)} training-set sizes of the offline MNIST digits "
-                 f"(n = {', '.join(map(str, sizes))}), {len(theta_seeds)} theta* seeds per size; the same removals "
-                 "retrained with three mini-batch orders for a fixed number of epochs.",
+    our_protocol=f"an MLP ({ok[0]['setting']['depth']} hidden layer(s) of {ok[0]['setting']['width']} units) on "
+                 f"{len(sizes)} training-set sizes of the offline MNIST digits (n = {', '.join(map(str, sizes))}), "
+                 f"{len(theta_seeds)} theta* seed{'s' if len(theta_seeds) != 1 else ''} per size; the same removals retrained with "
+                 f"{sum(r['batch_size'] is not None for r in runs)} mini-batch orders for a fixed number of epochs.",
     divergences="digits instead of ImageNet, a small MLP instead of a ResNet, warm-start rather than from-scratch "
                 "retraining, sizes two to four orders of magnitude smaller: the slope is measured over this range "
                 "only.")))

@@ -188,6 +188,7 @@ if len(good):
     fig, ax = plt.subplots(figsize=(6, 3.8))
     sns.stripplot(data=good, x="method", y="relative_error", hue="weight_decay", dodge=True, ax=ax)
     ax.set(yscale="log", ylabel="relative error vs exact influence", title="estimator error on the same models")
+    ax.legend(title="weight decay")
     plt.tight_layout()
     plt.show()
 
@@ -262,15 +263,17 @@ findings = ref["findings"]
 paper_protocol = ("small MNIST (Koh & Liang's 5,500 digits), small CNNs and MLPs of several depths and widths, "
                   "with and without weight decay; LiSSA with mini-batch Hessian products; warm-start LOO of the "
                   "top-100 points; the paper's own table was not recoverable.")
+n_seeds = len({r['setting']['seed'] for r in ok})
 ours = (f"MLPs of width {w0} (depths {', '.join(str(d) for d in sorted(frame[frame.width == w0].depth.unique()))}) "
-        f"on {ok[0]['dataset']['n_train']} digits, {len({r['setting']['seed'] for r in ok})} seeds, exact Hessian, "
+        f"on {ok[0]['dataset']['n_train']} digits, {n_seeds} seed{'s' if n_seeds != 1 else ''}, exact Hessian, "
         f"warm-start Adam LOO of the top-{base['k']} points of each examined test point.")
 divergences = ("fewer digits, smaller networks (the exact Hessian must fit), top-k with k in the tens, a few hundred "
                "LOO steps; LiSSA's truncation is separated from its sampling error here, the paper reports them "
                "together.")
+display(Markdown(claims.protocol_box(paper_protocol, ours, divergences)))
 for c in (claims.mnist_depth(ok, findings), claims.stochastic_estimation(ok, findings),
           claims.stochastic_depth(ok, findings)):
-    display(Markdown(claims.claim_box(c, paper_protocol, ours, divergences)))
+    display(Markdown(claims.claim_box(c)))
 
 # %% [markdown]
 # ## Predicted against actual, highest-loss test point

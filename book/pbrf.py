@@ -381,7 +381,7 @@ for label, m, sign, who in [("depth: GN vs LOO", "spearman_GN_LOO", -1, "Basu et
         rows.append({"effect": label, "weight decay": f"{wd:g}", "estimate": "slope per depth unit",
                      "value [95% CI]": fmt_ci(est, lo, hi, 3), "expected (source)": who, "verdict": v})
         V[(label, f"{wd:g}")] = (est, lo, hi, v)
-display(pd.DataFrame(rows))
+display(pd.DataFrame(rows).style.hide(axis="index"))
 
 # %% tags=["hide-input"]
 lines = []

@@ -137,7 +137,7 @@ display(Markdown(claims.claim_box(
     paper_protocol="a few chosen test points per model (Koh & Liang: chosen test points; the replication: the "
                    "highest- and the median-loss one); qualitative, no number is given.",
     our_protocol=f"every test point of a small test set ({frame.groupby(['model', 'seed']).size().max()} per "
-                 f"model), every training point removed, {n_seeds} seeds per architecture, small-MNIST MLPs.",
+                 f"model), every training point removed, {n_seeds} seed{'s' if n_seeds != 1 else ''} per architecture, small-MNIST MLPs.",
     divergences="smaller models and data than the paper's; the claim is tested as a variance component, which "
                 "the paper does not define.")))
 

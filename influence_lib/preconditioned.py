@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .curvature import LinearOperator
-from .solvers import SolverError, default_cg_tol, ihvp_cg
+from .solvers import SolverError, _columnwise_cg, default_cg_tol, ihvp_cg
 from .validation import check_nonneg, check_positive, check_positive_int
 
 #: continuations with a tighter internal tolerance before giving up on the true residual
@@ -50,60 +50,6 @@ def _check_preconditioner(preconditioner: Any) -> None:
     if not (hasattr(preconditioner, "inv_sqrt") and hasattr(preconditioner, "solve")):
         raise ValueError("preconditioner must offer solve(V) = M^(-1) V and inv_sqrt(V) = M^(-1/2) V (e.g. an "
                          f"influence_lib.EKFACSolver), got {type(preconditioner).__name__}")
-
-
-def _pcg_columns(A: LinearOperator, Vb: Tensor, damping: float, M, tol: float, max_iter: int
-                 ) -> tuple[Tensor, Tensor, int]:
-    """``k`` independent preconditioned CG recursions (products batched over the active columns), stopping on
-    the true residual of each column; returns ``X``, the steps per column and the number of product columns."""
-    p, k = Vb.shape
-    products = [0]
-
-    def apply(Z: Tensor) -> Tensor:
-        products[0] += Z.shape[1]
-        return A.matmat(Z) + damping * Z
-
-    vnorm = Vb.norm(dim=0)
-    X, R = torch.zeros_like(Vb), Vb.clone()
-    Z = M.solve(R)
-    P, rz = Z.clone(), (R * Z).sum(0)
-    active = vnorm > 0
-    iters = torch.zeros(k, dtype=torch.long)
-    it = 0
-    while bool(active.any()):
-        if it >= max_iter:
-            raise SolverError(f"preconditioned CG did not reach tol={tol:g} in max_iter={max_iter} iterations; "
-                              "increase max_iter or damping")
-        it += 1
-        idx = active.nonzero().squeeze(1)
-        Pa = P[:, idx]
-        AP = apply(Pa)
-        curv = (Pa * AP).sum(0)
-        if bool((curv <= 0).any()):
-            raise SolverError("preconditioned CG met non-positive curvature: A + damping I is not positive "
-                              f"definite; increase damping (now {damping:g}) or use method='exact'")
-        alpha = rz[idx] / curv
-        X[:, idx] += alpha * Pa
-        R[:, idx] -= alpha * AP
-        iters[idx] += 1
-        done = R[:, idx].norm(dim=0) <= tol * vnorm[idx]
-        if bool(done.any()):  # confirm with the true residual; restart from it where the recursion drifted
-            d_idx = idx[done]
-            R_true = Vb[:, d_idx] - apply(X[:, d_idx])
-            R[:, d_idx] = R_true
-            ok = R_true.norm(dim=0) <= tol * vnorm[d_idx]
-            active[d_idx[ok]] = False
-            redo = d_idx[~ok]
-            if redo.numel():
-                Zr = M.solve(R[:, redo])
-                P[:, redo], rz[redo] = Zr, (R[:, redo] * Zr).sum(0)
-            idx = idx[~done]
-        if idx.numel():
-            Zi = M.solve(R[:, idx])
-            rz_new = (R[:, idx] * Zi).sum(0)
-            P[:, idx] = Zi + (rz_new / rz[idx]) * P[:, idx]
-            rz[idx] = rz_new
-    return X, iters, products[0]
 
 
 def ihvp_pcg(
@@ -137,11 +83,19 @@ def ihvp_pcg(
     if Vb.dim() != 2 or Vb.shape[0] != A.size:
         raise ValueError(f"V must have shape [{A.size}] or [{A.size}, k], got {tuple(V.shape)}")
     vnorm = Vb.norm(dim=0).clamp_min(1e-300)
-    if not block:
-        X, iters, products = _pcg_columns(A, Vb, damping, preconditioner, tol, 10 * A.size if max_iter is None
-                                          else max_iter)
+    if not block:  # k independent left-preconditioned recursions: the loop of ihvp_cg(block=False), z = M^-1 r
+        products = [0]
+
+        def apply(Z: Tensor) -> Tensor:
+            products[0] += Z.shape[1]
+            return A.matmat(Z) + damping * Z
+
+        X, R = torch.zeros_like(Vb), Vb.clone()
+        iters, _ = _columnwise_cg(apply, Vb, X, R, Vb.norm(dim=0), tol,
+                                  10 * A.size if max_iter is None else max_iter, damping,
+                                  precondition=preconditioner.solve)
         res = (Vb - (A.matmat(X) + damping * X)).norm(dim=0) / vnorm
-        out = {"iterations": iters.tolist(), "residual": res.tolist(), "products": products + Vb.shape[1],
+        out = {"iterations": iters.tolist(), "residual": res.tolist(), "products": products[0] + Vb.shape[1],
                "block": False, "restarts": 0, "preconditioned": True}
         return (X.squeeze(1) if single else X), out
     inv_sqrt = preconditioner.inv_sqrt

@@ -261,12 +261,23 @@ def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float
 
 
 def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
-                   damping: float) -> tuple[Tensor, int]:
-    """``k`` independent CG recursions in place on ``X`` and ``R``; returns the steps per column and the number
-    of search directions per step (``k``)."""
+                   damping: float, precondition=None) -> tuple[Tensor, int]:
+    """``k`` independent (optionally preconditioned) CG recursions in place on ``X`` and ``R``; returns the steps
+    per column and the number of search directions per step (``k``).
+
+    ``precondition``: ``Z -> M^{-1} Z`` for a symmetric positive definite ``M`` (left preconditioning: ``z = M^{-1} r``,
+    ``alpha = r^T z / p^T A p``, ``p <- z + (r'^T z' / r^T z) p``); None is ``M = I``, plain CG. Each column stops on
+    its true residual ``||v - (A + damping I) x|| <= tol ||v||``, confirmed by one product when the recursive residual
+    gets there, and restarts from the true residual where the recursion has drifted.
+    """
     k = Vb.shape[1]
-    P = R.clone()
-    rs = (R * R).sum(0)
+
+    def M(Z: Tensor) -> Tensor:
+        return Z if precondition is None else precondition(Z)
+
+    Z = M(R)
+    P = Z.clone()
+    rz = (R * Z).sum(0)
     active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
     iters = torch.zeros(k, dtype=torch.long)
     it = 0
@@ -280,12 +291,12 @@ def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: 
         curv = (Pa * AP).sum(0)
         if bool((curv <= 0).any()):
             raise _not_positive_definite(damping)
-        alpha = rs[idx] / curv
+        alpha = rz[idx] / curv
         X[:, idx] += alpha * Pa
         R[:, idx] -= alpha * AP
-        rs_new = (R[:, idx] * R[:, idx]).sum(0)
         iters[idx] += 1
-        done = rs_new.sqrt() <= tol * vnorm[idx]
+        Ri = R[:, idx]
+        done = (Ri * Ri).sum(0).sqrt() <= tol * vnorm[idx]
         if bool(done.any()):
             # confirm with the true residual; restart from it where the recursion has drifted
             d_idx = idx[done]
@@ -294,15 +305,16 @@ def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: 
             active[d_idx[ok]] = False
             redo = d_idx[~ok]
             if redo.numel():
-                R[:, redo] = R_true[:, ~ok]
-                P[:, redo] = R_true[:, ~ok]
-                rs[redo] = (R_true[:, ~ok] ** 2).sum(0)
-            keep = ~done
-            idx, rs_new = idx[keep], rs_new[keep]
+                Rr = R_true[:, ~ok]
+                Zr = M(Rr)
+                R[:, redo], P[:, redo], rz[redo] = Rr, Zr, (Rr * Zr).sum(0)
+            idx = idx[~done]
         if idx.numel():
-            beta = rs_new / rs[idx]
-            P[:, idx] = R[:, idx] + beta * P[:, idx]
-            rs[idx] = rs_new
+            Ri = R[:, idx]
+            Zi = M(Ri)
+            rz_new = (Ri * Zi).sum(0)
+            P[:, idx] = Zi + (rz_new / rz[idx]) * P[:, idx]
+            rz[idx] = rz_new
     return iters, int((vnorm > 0).sum())
 
 

@@ -633,25 +633,34 @@ def claim_table(iris: Records, mnist: Records, cnn: Records, test_points: Record
                       test_point_dependence(test_points, findings), ground_truth_noise(ground_truth, findings)])
 
 
-def claim_box(c: Claim, paper_protocol: str, our_protocol: str, divergences: str) -> str:
-    """A chapter's verdict as a Markdown admonition: the claim, the paper's protocol and ours, the divergences, the
-    statistic with its interval, the verdict (unadjusted: the intro's table Holm-corrects across all claims), the
-    excluded models and the all-models sensitivity value. Only ``c``'s fields are numbers; the protocols are prose."""
+def protocol_box(paper_protocol: str, our_protocol: str, divergences: str) -> str:
+    """The paper's protocol, ours and the divergences between them, as one Markdown admonition (prose only)."""
+    body = "\n\n".join([f"**The paper's protocol.** {paper_protocol}", f"**Ours.** {our_protocol}",
+                         f"**Divergences.** {divergences}"])
+    return f"```{{admonition}} Protocol: the paper's and ours\n:class: seealso\n{body}\n```"
+
+
+def claim_box(c: Claim, paper_protocol: str | None = None, our_protocol: str | None = None,
+              divergences: str | None = None) -> str:
+    """A chapter's verdict as a Markdown admonition: the claim, (optionally) the paper's protocol, ours and the
+    divergences, the statistic with its interval, the verdict (unadjusted: the intro's table Holm-corrects across all
+    claims), the excluded models and the all-models sensitivity value. Only ``c``'s fields are numbers."""
     margin = f"; equivalence margin ±{c.margin:g} {c.unit}".rstrip() if np.isfinite(c.margin) else ""
-    lines = [f"**Claim** ({c.finding}). {c.paper}",
-             f"**The paper's protocol.** {paper_protocol}",
-             f"**Ours.** {our_protocol}",
-             f"**Divergences.** {divergences}",
-             f"**Statistic.** {c.statistic or 'none'}{margin}. **Measured:** {c.measured}.",
-             f"**Verdict: {c.verdict}**" + (f" ({c.note})" if c.note else "")
-             + " — unadjusted here; the introduction's table applies the Holm correction across all claims.",
-             ]
+    lines = [f"**Claim** ({c.finding}): {c.paper}."]
+    for label, text in (("The paper's protocol", paper_protocol), ("Ours", our_protocol),
+                        ("Divergences", divergences)):
+        if text:
+            lines.append(f"**{label}.** {text}")
+    lines += [f"**Statistic.** {c.statistic or 'none'}{margin}. **Measured:** {c.measured}.",
+              f"**Verdict: {c.verdict}**" + (f" ({c.note})" if c.note else "")
+              + " — unadjusted here; the introduction's table applies the Holm correction across all claims."]
     if c.excluded:
         lines.append(f"**Models.** {c.excluded}.")
     if c.sensitivity:
         lines.append(f"**Sensitivity.** {c.sensitivity}.")
     body = "\n\n".join(lines)
-    return f"```{{admonition}} Verdict: {c.verdict}\n:class: {_BOX_CLASS.get(c.verdict, 'note')}\n{body}\n```"
+    head = f"```{{admonition}} Verdict ({c.finding}): {c.verdict}\n:class: {_BOX_CLASS.get(c.verdict, 'note')}"
+    return f"{head}\n{body}\n```"
 
 
 _BOX_CLASS = {"reproduced": "tip", "opposite": "warning", "absent": "important", "not resolved": "note",

@@ -66,6 +66,38 @@ def runtime_summary(records: Sequence[dict[str, Any]]) -> str:
             f"(median {np.median(t):.1f} s per record, single-threaded).")
 
 
+#: how the recorded stages of a record are grouped in a compute profile (a stage not listed counts as "other")
+STAGE_GROUPS = {"train": "theta* training", "polish": "theta* training", "loo": "LOO retraining",
+                "loo_newton": "LOO retraining", "pbrf": "PBRF"}
+
+
+def stage_group(stage: str) -> str:
+    """The profile group of a recorded timing key: training, LOO, influence, subset retraining, PBRF or other."""
+    if stage in STAGE_GROUPS:
+        return STAGE_GROUPS[stage]
+    if stage.startswith("influence"):
+        return "influence (all methods)"
+    if stage.startswith("retrain_alpha"):
+        return "subset retraining (LDS)"
+    return "other"
+
+
+def stage_profile(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Where the recorded time of ``records`` goes: ``{"records", "seconds", "groups": {group: seconds}}``, the
+    groups of :func:`stage_group` (their sum is the records' total; the unattributed rest counts as "other")."""
+    ok = [r for r in records if "error" not in r]
+    groups: dict[str, float] = {}
+    total = 0.0
+    for r in ok:
+        t = r["timings"]
+        total += t["total"]
+        parts = {k: v for k, v in t.items() if k != "total" and isinstance(v, (int, float))}
+        for k, v in parts.items():
+            groups[stage_group(k)] = groups.get(stage_group(k), 0.0) + v
+        groups["other"] = groups.get("other", 0.0) + max(0.0, t["total"] - sum(parts.values()))
+    return {"records": len(ok), "seconds": total, "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
+
+
 def fmt_ci(mean: float, lo: float, hi: float, digits: int = 2) -> str:
     """``"m [lo, hi]"``; ``"m (no interval)"`` where the interval is undefined; ``"n/a"`` without a value."""
     if not np.isfinite(mean):

@@ -1,0 +1,68 @@
+"""Where the book's recompute time goes: the recorded timings of every committed record, by sweep and by stage.
+
+    .venv/bin/python benchmarks/record_profile.py
+
+Reads the committed records of the default profile (``results/<sweep>/*.json``; failed records are left out),
+groups each record's timings (theta* training, leave-one-out retraining, influence of all methods, LDS subset
+retraining, PBRF, other) with :func:`influence_lib.experiments.report.stage_profile`, and writes
+``benchmarks/results/record_profile.json`` atomically: per sweep the number of records, the recorded CPU-minutes,
+the minutes per stage group and the median and longest record, plus the total and the wall time it implies on a
+2-core machine (total / 2) against the target of issue "Exact ground truth, fast" (60 minutes on 2 cores).
+Timings are what each record measured when it was computed (single-threaded, possibly on a loaded machine), so
+they are upper bounds for a quiet one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from influence_lib.experiments import presets, report, store  # noqa: E402
+
+TARGET_WALL_MINUTES_2_CORES = 60.0
+
+
+def main() -> dict:
+    root = store.results_dir("default")
+    sweeps = {}
+    for name in presets.GRIDS:
+        recs = [json.loads(p.read_text()) for p in sorted((root / name).glob("*.json"))]
+        ok = [r for r in recs if "error" not in r]
+        if not ok:
+            continue
+        prof = report.stage_profile(ok)
+        t = np.array([r["timings"]["total"] for r in ok])
+        sweeps[name] = {"records": prof["records"], "grid_settings": len(presets.settings(name, "default")),
+                        "cpu_minutes": prof["seconds"] / 60,
+                        "minutes_by_stage": {k: v / 60 for k, v in prof["groups"].items()},
+                        "median_record_s": float(np.median(t)), "longest_record_s": float(t.max())}
+    total = sum(s["cpu_minutes"] for s in sweeps.values())
+    out = {"machine": platform.machine(), "cpus_here": os.cpu_count(), "sweeps": sweeps,
+           "total_cpu_minutes": total, "wall_minutes_on_2_cores": total / 2,
+           "target_wall_minutes_on_2_cores": TARGET_WALL_MINUTES_2_CORES,
+           "note": "recorded timings of the committed records (single-threaded; machine load at the time not "
+                   "controlled): upper bounds"}
+    dest = HERE / "results" / "record_profile.json"
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(out, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+    for name, s in sweeps.items():
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(s["minutes_by_stage"].items())[:3])
+        print(f"{name:14s} {s['records']:4d}/{s['grid_settings']:<4d} records {s['cpu_minutes']:7.1f} CPU-min  ({top})")
+    print(f"total {total:.0f} CPU-minutes = {total / 2:.0f} min on 2 cores (target {TARGET_WALL_MINUTES_2_CORES:.0f})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
