@@ -224,3 +224,34 @@ def test_validation_claim_shows_when_the_depth_verdict_depends_on_the_procedure(
     flat = [_procedure_record(d, s, top_noise=0.0) for d in range(1, 9) for s in range(3)]
     assert claims.validation_procedure(flat, "claim").verdict in ("not resolved", "absent")
     assert claims.validation_procedure([], "claim").verdict == "no data"
+
+
+def test_lissa_decomposition_splits_the_change_into_truncation_and_sampling():
+    """Per model: truncation = full batch - exact, sampling = mini-batch - full batch, and they add up to the total;
+    a model without the full-batch estimator is left out."""
+    recs = []
+    for seed, (exact, full, mini) in enumerate([(0.9, 0.5, 0.45), (0.8, 0.6, 0.65), (0.7, 0.7, 0.2)]):
+        r = _record(1, 4, 0.001, seed, [exact, exact], dataset="mnist-small")
+        for tp in r["test_points"]:
+            tp["estimators"] = {"lissa": {"vs_loo": {"spearman": mini}, "relative_error": 0.9},
+                                "lissa-truncated": {"vs_loo": {"spearman": full}, "relative_error": 0.8}}
+        r["methods"] = {"exact": {}, "lissa": {}, "lissa-truncated": {"truncation_factor": 0.94, "n_divergent": 0}}
+        recs.append(r)
+    plain = _record(2, 4, 0.001, 9, [0.5, 0.5], dataset="mnist-small")
+    plain["methods"] = {"exact": {}, "lissa": {}}
+    d = claims.lissa_decomposition([*recs, plain])
+    assert len(d) == 3 and list(d.seed) == [0, 1, 2]
+    np.testing.assert_allclose(d.truncation, [0.5 - 0.9, 0.6 - 0.8, 0.0], atol=1e-12)
+    np.testing.assert_allclose(d.sampling, [0.45 - 0.5, 0.65 - 0.6, 0.2 - 0.7], atol=1e-12)
+    np.testing.assert_allclose(d.truncation + d.sampling, d.total, atol=1e-12)
+    assert (d.truncation_factor == 0.94).all() and (d.rel_err_full_batch == 0.8).all()
+
+
+def test_claim_box_carries_the_verdict_and_its_basis():
+    recs = _iris(np.random.default_rng(1))
+    c = claims.iris_depth(recs, FINDINGS)
+    box = claims.claim_box(c, "their protocol", "ours", "the differences")
+    assert box.startswith("```{admonition} Verdict (") and box.rstrip().endswith("```")
+    for text in (c.verdict, c.statistic, "their protocol", "the differences", "Holm", c.excluded):
+        assert text in box
+    assert "The paper's protocol" not in claims.claim_box(c)  # the protocol is optional (one box per chapter)
