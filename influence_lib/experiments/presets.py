@@ -212,8 +212,6 @@ GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
 #: book grids whose committed records are knowingly incomplete (a recompute under way), with what is missing; the
 #: chapter computes the missing records when it is built (tests/test_sweep.py keeps this list honest both ways)
 INCOMPLETE: dict[str, str] = {
-    "iris": "the 10-seed, 30-test-point grid is being recomputed seed by seed; the seeds without records are "
-            "computed when the chapter is built",
     "mnist": "recomputed at 5 seeds with the full-batch LiSSA beside the mini-batch one (setting lissa_truncated)",
     "ground-truth": "recomputed under the fixed-epoch protocol: 4 sizes x 5 theta* seeds",
     "test-points": "extended from 2 to 5 seeds (rules.SEEDS)",
