@@ -23,9 +23,9 @@
 # (positive: the point helped the test prediction) {cite}`koh2017`. Here $\lambda = 0$: no damping is needed.
 # The ground truth is leave-one-out retraining, warm-started at $\theta^*$ and run to convergence: with
 # full-batch gradient descent on Iris (every training point), and with damped Newton to a relative gradient norm
-# of $10^{-10}$ on MNIST (the removed points with the largest predicted influence), where $\theta^*$ is polished by
-# Newton first, so that both ends of the comparison are stationary points (the settings table gives the final
-# gradient norms).
+# of $10^{-10}$ on MNIST (the removed points with the largest predicted influence), where $\theta^*$ itself is
+# found by damped Newton, so that both ends of the comparison are stationary points (the settings table gives the
+# final gradient norms).
 #
 # **A subtlety worth stating.** With weight decay, "retraining without $z_i$" can mean two objectives.
 # Ordinary retraining minimises the *mean* over the $n-1$ remaining points plus the penalty, which
@@ -73,6 +73,8 @@ if failed:
 cols = ["dataset", "model", "weight_decay", "damping", "optimizer", "lr", "steps", "loo_optimizer", "loo_lr",
         "loo_steps", "loo_normalization", "remove", "k", "seed"]
 settings = pd.DataFrame([{"profile": prof, **{c: r["setting"][c] for c in cols},
+                          "lr": "–" if r["setting"]["optimizer"] == "newton" else r["setting"]["lr"],
+                          "steps": "–" if r["setting"]["optimizer"] == "newton" else r["setting"]["steps"],
                           "loo_steps": "–" if r["setting"]["loo_optimizer"] == "newton" else r["setting"]["loo_steps"],
                           "loo_lr": "–" if r["setting"]["loo_optimizer"] == "newton" else r["setting"]["loo_lr"],
                           "n_train": r["dataset"]["n_train"], "grad_norm": r["training"]["grad_norm"],
