@@ -105,6 +105,12 @@ FLOOR = 1e-16  # log10 of a zero (no negative eigenvalue) is shown at this floor
 spec["neg_fraction"] = spec.n_negative / spec.params
 for c in ("lambda_max", "negative_mass", "condition_abs"):
     spec[f"log10_{c}"] = np.log10(spec[c].clip(lower=FLOOR))
+# the condition number that matters for a solver: that of the damped H + lambda I, (lambda_max + lambda) /
+# (lambda_min + lambda), defined where the damped matrix is positive definite (NaN, and left out, where it is not)
+spec["damped_pd"] = spec.lambda_min + spec.damping > 0
+spec["log10_condition_damped"] = np.where(spec.damped_pd, np.log10((spec.lambda_max + spec.damping)
+                                                                   / (spec.lambda_min + spec.damping).clip(lower=1e-300)),
+                                          np.nan)
 D0, W0 = int(spec.depth.min()), int(spec.width.min())
 WDS = sorted(spec.weight_decay.unique())
 WD0, WD1 = WDS[0], WDS[-1]
@@ -122,12 +128,15 @@ print(f"{len(spec)} models; depth sweep at width {W0}, width sweep at depth {D0}
 #
 # Mean over seeds with a 95% interval over seeds (bars) (logarithms are averaged, i.e. geometric means; a zero is shown at
 # $10^{-16}$). In the $\lambda_{\min}$ panels the dotted line is $-\lambda$ (minus the damping): below it the
-# *damped* matrix $H + \lambda I$ is still indefinite.
+# *damped* matrix $H + \lambda I$ is still indefinite. The last row is the condition number of the damped matrix,
+# $(\lambda_{\max}+\lambda)/(\lambda_{\min}+\lambda)$, which governs iterative solvers; it is averaged over the
+# models whose damped matrix is positive definite only (the undamped $\max|\lambda_k|/\min|\lambda_k|$ is
+# dominated by eigenvalues that are zero up to round-off, and is in the table below).
 
 # %% tags=["hide-input"]
 PANELS = [("log10_lambda_max", "log10 λ_max"), ("lambda_min", "λ_min (symlog)"),
           ("neg_fraction", "negative eigenvalues / parameters"), ("log10_negative_mass", "log10 negative mass"),
-          ("log10_condition_abs", "log10 condition number")]
+          ("log10_condition_damped", "log10 cond(H + λI), if PD")]
 # one row per diagnostic, the depth sweep left and the width sweep right (five panels side by side are illegible at
 # page width); axes[sweep, diagnostic]
 fig, axes_t = plt.subplots(len(PANELS), 2, figsize=(8, 2.6 * len(PANELS)))
@@ -153,12 +162,16 @@ plt.show()
 # %% tags=["hide-input"]
 spec["damped_indefinite"] = spec.lambda_min + spec.damping < 0
 tab = spec.groupby(["depth", "width", "weight_decay"]).agg(
-    params=("params", "first"), lambda_max=("lambda_max", "mean"), lambda_min=("lambda_min", "mean"),
-    n_negative=("n_negative", "mean"), negative_mass=("negative_mass", "mean"),
-    log10_condition=("log10_condition_abs", "mean"), damped_indefinite=("damped_indefinite", "sum"),
-    seeds=("seed", "count"))
-display(tab.style.format({"lambda_max": "{:.3g}", "lambda_min": "{:.2e}", "n_negative": "{:.1f}",
-                          "negative_mass": "{:.1e}", "log10_condition": "{:.1f}"}))
+    seeds=("seed", "count"), params=("params", "first"), lambda_max=("lambda_max", "mean"),
+    lambda_min=("lambda_min", "mean"), n_negative=("n_negative", "mean"), negative_mass=("negative_mass", "mean"),
+    log10_condition=("log10_condition_abs", "mean"), damped_indefinite=("damped_indefinite", "sum")).reset_index()
+tab["weight_decay"] = tab.weight_decay.map("{:g}".format)
+names = {"weight_decay": "wd", "lambda_max": "λ_max", "lambda_min": "λ_min", "n_negative": "# negative",
+         "negative_mass": "neg. mass", "log10_condition": "log10 cond (undamped)",
+         "damped_indefinite": "damped indefinite"}
+display(tab.rename(columns=names).style.format({"λ_max": "{:.3g}", "λ_min": "{:.2e}", "# negative": "{:.1f}",
+                                                "neg. mass": "{:.1e}", "log10 cond (undamped)": "{:.1f}"})
+        .hide(axis="index"))
 n_ind = int(spec.damped_indefinite.sum())
 glue("hess_n_indefinite", n_ind, display=False)
 print(f"{n_ind} of {len(spec)} models have λ_min < −damping (damped Hessian indefinite); "
@@ -219,13 +232,19 @@ display(Markdown(claims.claim_box(
 DIAG = [("lambda_max", "top eigenvalue λ_max"), ("negative_mass", "negative mass"),
         ("grad_norm", "final gradient norm"), ("condition_abs", "condition number")]
 spec["sweep"] = np.where(spec.depth > D0, "depth sweep", np.where(spec.width > W0, "width sweep", "base model"))
-fig, axes = plt.subplots(1, len(DIAG), figsize=(min(10, 4 * len(DIAG)), 3.8), sharey=True)
+fig, axes = plt.subplots(2, 2, figsize=(10, 7.6), sharey=True)
+axes = axes.ravel()
 for ax, (c, label) in zip(axes, DIAG, strict=True):
-    sns.scatterplot(data=spec.assign(x=spec[c].clip(lower=FLOOR)), x="x", y="spearman_highest",
-                    hue="weight_decay", style="sweep", palette="colorblind", ax=ax, legend=ax is axes[-1])
-    ax.set(xscale="log", xlabel=label, ylabel="Spearman (highest-loss test point)")
+    # a singular Hessian has an infinite condition number: such models are left out of that panel (not plotted at
+    # an axis end), and the count is given in its title
+    x = spec[c].replace([np.inf, -np.inf], np.nan).clip(lower=FLOOR)
+    n_out = int(spec[c].notna().sum() - x.notna().sum())
+    sns.scatterplot(data=spec.assign(x=x), x="x", y="spearman_highest", hue="weight_decay", style="sweep",
+                    palette="colorblind", ax=ax, legend=ax is axes[0])
+    ax.set(xscale="log", xlabel=label, ylabel="Spearman (highest-loss test point)",
+           title=f"{label}" + (f" ({n_out} singular models left out)" if n_out else ""))
     ax.xaxis.set_minor_formatter(NullFormatter())
-axes[-1].legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1, 0.5))
+axes[0].legend(fontsize=9, loc="lower left", ncol=2)
 fig.tight_layout()
 plt.show()
 

@@ -87,9 +87,22 @@ else:
     print("No record failed.")
 display(Markdown(f"**Model health:** {stats.exclusion_summary(excluded, len(all_models))}."))
 if excluded:
-    display(pd.DataFrame([{**{c: r["setting"][c] for c in ("depth", "width", "weight_decay", "seed")},
-                           "train accuracy": r["training"]["train_accuracy"], "why": "; ".join(why)}
-                          for r, why in excluded]))
+    ex_frame = pd.DataFrame([{**{c: r["setting"][c] for c in ("depth", "width", "weight_decay", "seed")},
+                              "train accuracy": f"{r['training']['train_accuracy']:.3f}",
+                              "why": "; ".join(stats.reason_key(w) for w in why)} for r, why in excluded])
+    total = pd.DataFrame([r["setting"] for r in all_models]).groupby(["depth", "width", "weight_decay"]).size()
+    by = (ex_frame.groupby(["depth", "width", "weight_decay"])
+          .agg(excluded=("seed", "size"), seeds=("seed", lambda v: ", ".join(map(str, sorted(v)))),
+               why=("why", lambda v: ", ".join(sorted(set(v))))).reset_index())
+    by.insert(4, "of", [int(total[(d, w, wd)]) for d, w, wd in zip(by.depth, by.width, by.weight_decay, strict=True)])
+    by["weight_decay"] = by.weight_decay.map("{:g}".format)
+    display(Markdown("Excluded models by setting (every excluded model, with its train accuracy, in the dropdown "
+                     "below):"))
+    display(by.rename(columns={"weight_decay": "weight decay"}).style.hide(axis="index"))
+    details = "\n".join(f"| {r.depth} | {r.width} | {r.weight_decay:g} | {r.seed} | {r['train accuracy']} | {r.why} |"
+                         for _, r in ex_frame.iterrows())
+    display(Markdown("```{dropdown} Every excluded model\n| depth | width | weight decay | seed | train accuracy "
+                     "| why |\n| --- | --- | --- | --- | --- | --- |\n" + details + "\n```"))
 ok = healthy  # figures and verdicts: healthy models only
 
 # %% [markdown]
@@ -102,7 +115,8 @@ ok = healthy  # figures and verdicts: healthy models only
 S = pd.DataFrame([r["setting"] for r in all_models])
 varied = [c for c in S if S[c].astype(str).nunique() > 1]
 display(pd.DataFrame({"setting": varied,
-                      "values": [", ".join(f"{v:g}" for v in sorted(S[c].unique())) for c in varied]}))
+                      "values": [", ".join(f"{v:g}" for v in sorted(S[c].unique())) for c in varied]})
+        .style.hide(axis="index"))
 fixed = {c: S[c].iloc[0] for c in S if c not in varied}
 display(pd.DataFrame({"setting": list(fixed), "value": [str(v) for v in fixed.values()]}).set_index("setting"))
 ds = ok[0]["dataset"]
@@ -217,6 +231,15 @@ plt.show()
 # %% tags=["hide-input"]
 ref = report.reference_values()["iris_depth"]
 rows, ref_ours = [], {}
+
+
+def bounded_ci(values, lower):
+    """Mean with its t interval, the interval clipped to the range of the statistic ([lower, 1])."""
+    m, lo, hi = mean_ci(values)
+    return fmt_ci(m, max(lo, lower), min(hi, 1.0))
+
+
+
 for key in ("with_weight_decay", "without_weight_decay"):
     entry = ref[key]
     for d in (1, 8):
@@ -224,20 +247,23 @@ for key in ("with_weight_decay", "without_weight_decay"):
         ours = highest[(highest.depth == d) & (highest.width == W0) & np.isclose(highest.weight_decay,
                                                                                entry["weight_decay"])]
         col = f"spearman_top{k}_train_loss"
+        n_all = sum(1 for r in all_models if (r["setting"]["depth"], r["setting"]["width"]) == (d, W0)
+                    and np.isclose(r["setting"]["weight_decay"], entry["weight_decay"]))
         row = {"weight decay": f"{entry['weight_decay']:g}", "depth": d, "seeds": str(len(ours)),
-               f"ours |ρ|, top {k} train loss": "not computed in this profile", f"ours signed ρ, top {k}": "",
-               "ours |ρ|, all points": ""}
+               f"ours |ρ|, top {k} train loss": (f"all {n_all} models excluded (see model health)" if n_all
+                                                 else "not computed in this profile"),
+               f"ours signed ρ, top {k}": "", "ours |ρ|, all points": ""}
         defined = ours[col].dropna()  # undefined where a collapsed model gives equal changes
         if len(ours):
             row["seeds"] = f"{len(ours)} ({len(defined)} with a defined top-{k} correlation)"
         if len(defined):
             ref_ours[(entry["weight_decay"], d)] = (mean_ci(defined.abs())[0], refval)
-            row[f"ours |ρ|, top {k} train loss"] = fmt_ci(*mean_ci(defined.abs()))
-            row[f"ours signed ρ, top {k}"] = fmt_ci(*mean_ci(defined))
+            row[f"ours |ρ|, top {k} train loss"] = bounded_ci(defined.abs(), 0.0)
+            row[f"ours signed ρ, top {k}"] = bounded_ci(defined, -1.0)
         elif len(ours):
             row[f"ours |ρ|, top {k} train loss"] = "undefined for every seed (collapsed models: equal changes within the top k)"
         if ours["spearman_all"].notna().any():
-            row["ours |ρ|, all points"] = fmt_ci(*mean_ci(ours["spearman_all"].abs().dropna()))
+            row["ours |ρ|, all points"] = bounded_ci(ours["spearman_all"].abs().dropna(), 0.0)
         row[f"reference |ρ| ({ref['source']})"] = f"{refval:.2f}" if isinstance(refval, float) else refval
         row["reference note"] = "approximately, at all depths" if "all_depths_approx" in entry else ""
         rows.append(row)
@@ -328,14 +354,17 @@ for r in ok:
                  "norm_pearson": pearson(pred_n, act_n),
                  "log10_median_ratio": float(np.log10(np.median(act_n / np.maximum(pred_n, 1e-300))))})
 norms = pd.DataFrame(rows)
-fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+axes = axes.ravel()
 for ax, (x, part) in zip(axes[:2], sweeps(norms).items(), strict=True):
     agg = report.aggregate(part, ["weight_decay", x], ["norm_spearman", "norm_pearson"])
     line_ci(ax, agg, x, "norm_spearman", "o-", " Spearman")
     line_ci(ax, agg, x, "norm_pearson", "s--", " Pearson")
     ax.set(xlabel=x, ylabel="corr(predicted, actual) of ‖Δθ‖", ylim=(-1.05, 1.05), title=f"vs {x}")
     ax.set_xticks(sorted(part[x].unique()))
-axes[0].legend(fontsize="small")
+handles, labels = axes[0].get_legend_handles_labels()
+axes[3].set_axis_off()
+axes[3].legend(handles, labels, loc="center", title="weight decay, correlation")
 agg = report.aggregate(sweeps(norms)["depth"], ["weight_decay", "depth"], ["log10_median_ratio"])
 line_ci(axes[2], agg, "depth", "log10_median_ratio")
 axes[2].axhline(0, color="grey", lw=0.8)
@@ -378,17 +407,24 @@ diag = pd.DataFrame([{**{c: r["setting"][c] for c in KEYS}, "params": r["model"]
                       "train_acc": r["training"]["train_accuracy"], "test_acc": r["training"]["test_accuracy"]}
                      for r in all_models])
 diag_tab = diag.groupby(["depth", "width", "weight_decay"]).agg(
-    params=("params", "first"), max_grad_norm=("grad_norm", "max"), train_loss=("train_loss", "mean"),
-    train_acc=("train_acc", "mean"), test_acc=("test_acc", "mean"), seeds=("seed", "count")).unstack("weight_decay")
-diag_tab = diag_tab.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
-FMT = {"max_grad_norm": "{:.1e}", "params": "{:.0f}", "seeds": "{:.0f}"}
-display(diag_tab.style.format({c: FMT.get(c[1], "{:.3f}") for c in diag_tab.columns}, na_rep="–"))
+    params=("params", "first"), seeds=("seed", "count"), max_grad_norm=("grad_norm", "max"),
+    train_loss=("train_loss", "mean"), train_acc=("train_acc", "mean"), test_acc=("test_acc", "mean")).reset_index()
+diag_tab["weight_decay"] = diag_tab.weight_decay.map("{:g}".format)
+FMT = {"max_grad_norm": "{:.1e}", "train_loss": "{:.3f}", "train_acc": "{:.3f}", "test_acc": "{:.3f}"}
+display(diag_tab.rename(columns={"weight_decay": "weight decay", "max_grad_norm": "max grad norm",
+                                 "train_loss": "train loss", "train_acc": "train acc.", "test_acc": "test acc."})
+        .style.format({{"max_grad_norm": "max grad norm", "train_loss": "train loss", "train_acc": "train acc.",
+                        "test_acc": "test acc."}[k]: v for k, v in FMT.items()}).hide(axis="index"))
 collapsed = diag[diag.train_acc <= 0.5]  # no better than (near) chance: a constant or dead network
 saturated = diag[diag.train_loss < 1e-3]  # memorised training set: the softmax saturates and curvature vanishes
 print(f"{len(collapsed)} model(s) collapsed (train accuracy ≤ 0.5), {len(saturated)} saturated (train loss < 1e-3);"
-      " collapsed models are excluded from the figures and verdicts, saturated ones kept:")
-display(pd.concat([collapsed.assign(state="collapsed"), saturated.assign(state="saturated")])[
-    KEYS + ["state", "train_loss", "train_acc", "grad_norm"]].reset_index(drop=True))
+      " collapsed models are excluded from the figures and verdicts, saturated ones kept (every one in the dropdown)")
+states = pd.concat([collapsed.assign(state="collapsed"), saturated.assign(state="saturated")])
+lines = [f"| {r.depth} | {r.width} | {r.weight_decay:g} | {r.seed} | {r.state} | {r.train_loss:.2e} | "
+         f"{r.train_acc:.3f} | {r.grad_norm:.1e} |" for r in states.itertuples()]
+display(Markdown("```{dropdown} Collapsed and saturated models\n| depth | width | weight decay | seed | state | "
+                 "train loss | train acc. | grad norm |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+                 + "\n".join(lines) + "\n```"))
 glue("iris_n_collapsed", int(len(collapsed)), display=False)
 glue("iris_n_saturated", int(len(saturated)), display=False)
 glue("iris_max_grad", float(diag.grad_norm.max()), display=False)
@@ -532,9 +568,10 @@ if len(two):
     per_model = two.groupby(["depth", "seed"], as_index=False)[cols].mean()  # the model is the unit
     agg = report.aggregate(per_model, ["depth"], cols)
     table = pd.DataFrame({"depth": agg.depth, "models": agg[f"{cols[0]}_n"]})
-    for c in cols:
-        table[c] = [fmt_ci(m, lo, hi, 3) for m, lo, hi in zip(agg[f"{c}_mean"], agg[f"{c}_lo"], agg[f"{c}_hi"],
-                                                                 strict=True)]
+    for c in cols:  # intervals clipped to the statistic's range: [-1, 1] for correlations, [0, inf) for the error
+        lower, upper = (0.0, np.inf) if c == "optimiser error" else (-1.0, 1.0)
+        table[c] = [fmt_ci(m, max(lo, lower), min(hi, upper), 3)
+                    for m, lo, hi in zip(agg[f"{c}_mean"], agg[f"{c}_lo"], agg[f"{c}_hi"], strict=True)]
     display(table.set_index("depth"))
     conv = [(r["loo_newton"]["n_converged"], len(r["loo_newton"]["converged"])) for r in n_ok]
     gmax = max(r["training"]["grad_norm"] for r in n_ok)

@@ -86,52 +86,63 @@ print(f"n_train={ok[0]['dataset']['n_train']}, top-k={base['k']}, damping={base[
 # %% [markdown]
 # ## Result 1: influence vs leave-one-out, by depth and weight decay
 #
-# One row per (depth, weight decay); the mean is over the examined test points (and seeds) with a 95 %
-# Student-t interval. "top-k" restricts the correlation to the $k$ removed points with the largest
-# |predicted| influence for that test point. $\lambda_{\max}$, $\lambda_{\min}$ are the extreme eigenvalues
+# One row per (depth, width, weight decay); each model's correlation is first averaged over its examined test
+# points (Fisher-z mean), then the mean over models (seeds) is given with a 95 % Student-t interval. "top-k"
+# restricts the correlation to the $k$ removed points with the largest |predicted| influence for that test point. $\lambda_{\max}$, $\lambda_{\min}$ are the extreme eigenvalues
 # of the exact Hessian; the gradient norm at $\theta^*$ says how close training came to a stationary point,
 # which the influence approximation assumes.
 
 # %% tags=["hide-input"]
 frame = ex.to_frame(ok)
 top_col = next(c for c in frame.columns if c.startswith("spearman_top"))
-agg = report.aggregate(frame, ["depth", "width", "weight_decay"],
-                       ["spearman_all", "pearson_all", top_col])
-extra = frame.groupby(["depth", "width", "weight_decay"]).agg(
-    n_params=("n_params", "first"), test_acc=("test_accuracy", "mean"), grad_norm=("grad_norm", "mean"),
-    lam_max=("spec_lambda_max", "mean"), lam_min=("spec_lambda_min", "mean")).reset_index()
+MODEL = ["depth", "width", "weight_decay", "seed"]
+# the trained model is the unit: its test points are summarised first (Fisher-z mean), then models are averaged
+per_model = frame.groupby(MODEL).agg(
+    spearman_all=("spearman_all", lambda v: stats.mean_correlation(v)[0]),
+    spearman_top=(top_col, lambda v: stats.mean_correlation(v)[0]),
+    test_acc=("test_accuracy", "first"), grad_norm=("grad_norm", "first"), n_params=("n_params", "first"),
+    lam_max=("spec_lambda_max", "first"), lam_min=("spec_lambda_min", "first")).reset_index()
+agg = report.aggregate(per_model, ["depth", "width", "weight_decay"], ["spearman_all", "spearman_top"])
+extra = per_model.groupby(["depth", "width", "weight_decay"]).agg(
+    n_params=("n_params", "first"), test_acc=("test_acc", "mean"), grad_norm=("grad_norm", "max"),
+    lam_max=("lam_max", "mean"), lam_min=("lam_min", "mean")).reset_index()
 table = agg.merge(extra, on=["depth", "width", "weight_decay"])
 
 
 def fmt_ci(row, m):
-    # correlations live in [-1, 1]: the Student-t interval is clipped there (with n = 2 it spans almost all of it)
+    # correlations live in [-1, 1]: the Student-t interval over models is clipped there
     lo, hi = max(row[m + "_lo"], -1.0), min(row[m + "_hi"], 1.0)
-    return f"{row[m + '_mean']:.2f} [{lo:.2f}, {hi:.2f}] (n={int(row[m + '_n'])})"
+    return f"{row[m + '_mean']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 show = pd.DataFrame({
-    "depth": table.depth, "width": table.width, "weight decay": table.weight_decay.map("{:g}".format),
-    "params": table.n_params, "test acc.": table.test_acc.map("{:.2f}".format),
-    "Spearman (all removed)": [fmt_ci(r, "spearman_all") for _, r in table.iterrows()],
-    "Pearson (all removed)": [fmt_ci(r, "pearson_all") for _, r in table.iterrows()],
-    f"Spearman ({top_col.removeprefix('spearman_')})": [fmt_ci(r, top_col) for _, r in table.iterrows()],
-    "lambda_max": table.lam_max.map("{:.2f}".format), "lambda_min": table.lam_min.map("{:.1e}".format),
-    "grad norm": table.grad_norm.map(lambda v: f"{v:.1e}"),
+    "depth": table.depth, "width": table.width, "wd": table.weight_decay.map("{:g}".format),
+    "models": table.spearman_all_n.astype(int), "test acc.": table.test_acc.map("{:.2f}".format),
+    "Spearman, all removed": [fmt_ci(r, "spearman_all") for _, r in table.iterrows()],
+    f"Spearman, {top_col.removeprefix('spearman_')}": [fmt_ci(r, "spearman_top") for _, r in table.iterrows()],
+    "λ_max": table.lam_max.map("{:.3g}".format), "λ_min": table.lam_min.map("{:.1e}".format),
+    "max grad norm": table.grad_norm.map(lambda v: f"{v:.1e}"),
 })
 display(show.style.hide(axis="index"))
+print("parameters per network: " + ", ".join(f"depth {r.depth}, width {r.width}: {r.n_params}"
+                                             for r in table.drop_duplicates(["depth", "width"]).itertuples()))
 
 # %% tags=["hide-input"]
 w0 = int(frame.groupby("width").depth.nunique().idxmax())  # the width of the depth sweep
-main = frame[frame.width == w0].copy()
+main = per_model[per_model.width == w0].copy()
 main["wd"] = main.weight_decay.map(lambda v: f"wd {v:g}")
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+pts = frame[frame.width == w0]
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 sns.pointplot(data=main, x="depth", y="spearman_all", hue="wd", errorbar=("ci", 95), dodge=0.2,
               palette="deep", ax=axes[0])
-axes[0].set(title=f"width {w0}: Spearman, influence vs LOO (mean, bootstrap 95% CI)", ylabel="Spearman", ylim=(-1, 1))
+axes[0].set(title=f"width {w0}: one value per model (mean, 95% CI)", ylabel="Spearman, influence vs LOO",
+            ylim=(-1, 1))
 axes[0].axhline(0, color="grey", lw=0.5)
-sns.stripplot(data=main, x="depth", y="spearman_all", hue="role", dodge=True, size=7, ax=axes[1])
+axes[0].legend(title="weight decay", loc="lower left")
+sns.stripplot(data=pts, x="depth", y="spearman_all", hue="role", dodge=True, size=5, ax=axes[1])
 axes[1].axhline(0, color="grey", lw=0.5)
-axes[1].set(title="per examined test point (both weight decays)", ylabel="Spearman", ylim=(-1, 1))
+axes[1].set(title="every examined test point", ylabel="Spearman", ylim=(-1, 1))
+axes[1].legend(title="test point", loc="lower left")
 plt.tight_layout()
 plt.show()
 
@@ -176,8 +187,11 @@ good = est[est.status == "ok"]
 summary = good.groupby(["method", "depth", "width", "weight_decay"]).agg(
     relative_error=("relative_error", "median"), spearman_est_vs_loo=("spearman_est_vs_loo", "mean"),
     spearman_exact_vs_loo=("spearman_exact_vs_loo", "mean"), points=("role", "count")).reset_index()
-display(summary.style.format({"weight_decay": "{:g}", "relative_error": "{:.2e}", "spearman_est_vs_loo": "{:.2f}",
-                              "spearman_exact_vs_loo": "{:.2f}"}).hide(axis="index"))
+display(summary.rename(columns={"weight_decay": "wd", "relative_error": "relative error (median)",
+                                "spearman_est_vs_loo": "Spearman vs LOO, estimator",
+                                "spearman_exact_vs_loo": "Spearman vs LOO, exact", "points": "test points"})
+        .style.format({"wd": "{:g}", "relative error (median)": "{:.2e}", "Spearman vs LOO, estimator": "{:.2f}",
+                       "Spearman vs LOO, exact": "{:.2f}"}).hide(axis="index"))
 fails = est[est.status != "ok"].drop_duplicates(["depth", "width", "weight_decay", "method"])
 if len(fails):
     print("Estimator failures (recorded, not hidden):")
