@@ -230,19 +230,20 @@ display(Markdown(claims.claim_box(
 
 # %% tags=["hide-input"]
 DIAG = [("lambda_max", "top eigenvalue λ_max"), ("negative_mass", "negative mass"),
-        ("grad_norm", "final gradient norm"), ("condition_abs", "condition number")]
+        ("grad_norm", "final gradient norm"), ("condition_damped", "condition number of H + λI")]
+spec["condition_damped"] = 10.0 ** spec.log10_condition_damped  # NaN where H + λI is not positive definite
 spec["sweep"] = np.where(spec.depth > D0, "depth sweep", np.where(spec.width > W0, "width sweep", "base model"))
 fig, axes = plt.subplots(2, 2, figsize=(10, 7.6), sharey=True)
 axes = axes.ravel()
 for ax, (c, label) in zip(axes, DIAG, strict=True):
-    # a singular Hessian has an infinite condition number: such models are left out of that panel (not plotted at
-    # an axis end), and the count is given in its title
+    # the damped condition number is undefined where H + λI is indefinite: such models are left out of that panel
+    # (not plotted at an axis end), and the count is given in its title
     x = spec[c].replace([np.inf, -np.inf], np.nan).clip(lower=FLOOR)
-    n_out = int(spec[c].notna().sum() - x.notna().sum())
+    n_out = int(len(spec) - x.notna().sum())
     sns.scatterplot(data=spec.assign(x=x), x="x", y="spearman_highest", hue="weight_decay", style="sweep",
                     palette="colorblind", ax=ax, legend=ax is axes[0])
     ax.set(xscale="log", xlabel=label, ylabel="Spearman (highest-loss test point)",
-           title=f"{label}" + (f" ({n_out} singular models left out)" if n_out else ""))
+           title=f"{label}" + (f" ({n_out} models without it left out)" if n_out else ""))
     ax.xaxis.set_minor_formatter(NullFormatter())
 axes[0].legend(fontsize=9, loc="lower left", ncol=2)
 fig.tight_layout()

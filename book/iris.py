@@ -118,7 +118,7 @@ display(pd.DataFrame({"setting": varied,
                       "values": [", ".join(f"{v:g}" for v in sorted(S[c].unique())) for c in varied]})
         .style.hide(axis="index"))
 fixed = {c: S[c].iloc[0] for c in S if c not in varied}
-display(pd.DataFrame({"setting": list(fixed), "value": [str(v) for v in fixed.values()]}).set_index("setting"))
+display(Markdown(report.settings_dropdown(fixed, "Every setting shared by all records")))
 ds = ok[0]["dataset"]
 print(f"data: {ds['name']} ({ds['source']}); {ds['n_train']} training / {ds['n_test']} test points")
 

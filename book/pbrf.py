@@ -94,7 +94,7 @@ varied = [c for c in S if S[c].astype(str).nunique() > 1]
 display(pd.DataFrame({"setting": varied, "values": [", ".join(f"{v:g}" for v in sorted(S[c].unique()))
                                                     for c in varied]}))
 fixed = {c: S[c].iloc[0] for c in S if c not in varied}
-display(pd.DataFrame({"setting": list(fixed), "value": [str(v) for v in fixed.values()]}).set_index("setting"))
+display(Markdown(report.settings_dropdown(fixed, "Every setting shared by all records")))
 ds = ok[0]["dataset"]
 print(f"data: {ds['name']} ({ds['source']}); {ds['n_train']} training / {ds['n_test']} test points")
 k = int(fixed.get("k", 25))

@@ -18,15 +18,15 @@
 # the choice of removed points and of the examined test point changes the answer.
 #
 # **What is measured here.** The Iris records of {doc}`iris` are unusually complete: for every model (depths 1–8 at
-# width 5 and widths 5–50 at depth 1, weight decay 0 and 0.005, three seeds, exact Hessian) and for five examined test
-# points (the highest-loss, the median-loss and three random ones), they hold the predicted *and* the actual LOO loss
-# change of *every* training point. So any validation procedure can be replayed on the same models without retraining.
+# width 5 and widths 5–50 at depth 1, weight decay 0 and 0.005, several seeds, exact Hessian) and for every examined
+# test point (the highest-loss, the median-loss and the others; the counts are in the box below), they hold the
+# predicted *and* the actual LOO loss change of *every* training point. So any validation procedure can be replayed on the same models without retraining.
 # A procedure fixes
 #
 # * the **metric**: Spearman $\rho$, $|\rho|$, or Pearson $r$;
 # * the **points**: all $n$ removed points, the $k$ largest $|\text{predicted}|$ (the paper's choice), $k$ random
 #   points, or the $k$ highest training losses (the replication's Iris choice; stored in the records for $k = 25$ only);
-# * the **test point(s)**: highest-loss, median-loss, random, or the mean over all five.
+# * the **test point(s)**: highest-loss, median-loss, random, or the mean over all examined ones.
 #
 # We then ask (a) how noisy a $k$-point validation is, (b) how much $|\rho|$ inflates the accuracy, (c) and (d) how
 # much the choice of points and of test point moves it, and (e) whether the paper's depth and weight-decay verdicts
@@ -67,7 +67,10 @@ if not records:
     raise FileNotFoundError(f"no Iris records under {root / 'iris'}: execute book/iris.py with IL_PROFILE={prof} "
                             "first (this page only reads records)")
 ok, failed = ex.split_failed(records)
-full = [r for r in ok if len(r["removed"]) == r["dataset"]["n_train"]]  # every training point removed
+from influence_lib.experiments import stats as verdict_stats  # noqa: E402
+
+healthy, excluded = verdict_stats.split_healthy(ok)  # collapsed models say nothing about any procedure
+full = [r for r in healthy if len(r["removed"]) == r["dataset"]["n_train"]]  # every training point removed
 n = full[0]["dataset"]["n_train"]
 S = pd.DataFrame([r["setting"] for r in full])
 KEYS = ["depth", "width", "weight_decay", "seed"]
@@ -81,8 +84,9 @@ display(Markdown(
     f"> **Records.** Profile `{prof}`: {len(records)} Iris records, {len(failed)} failed, {len(full)} with every "
     f"one of the n = {n} training points removed (used below); depths {', '.join(map(str, depths0))} at width {W0}, "
     f"widths {', '.join(map(str, sorted(S.width.unique())))}, weight decay {', '.join(f'{w:g}' for w in WDS)}, "
-    f"{n_seeds} seed(s); {len(full[0]['test_points'])} examined test points per model. "
-    + report.provenance(records)))
+    f"{n_seeds} seed(s); {len(full[0]['test_points'])} examined test points per model. Model health: "
+    f"{verdict_stats.exclusion_summary(excluded, len(ok))} (excluded models are left out of this page, as of the "
+    f"verdicts of {{doc}}`iris`). " + report.provenance(records)))
 few = []
 if n_seeds < 2:
     few.append("one seed per setting: intervals over seeds are not available")
@@ -196,7 +200,7 @@ axes[0].set(xlabel=f"Spearman over all {n} points", ylabel=f"mean over random {k
             xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), title="per (model, test point)")
 axes[0].legend(fontsize="x-small")
 bins = [-1.0001, 0.0, 0.3, 0.6, 1.0001]
-labels = ["ρ_n < 0", "0 ≤ ρ_n < 0.3", "0.3 ≤ ρ_n < 0.6", "ρ_n ≥ 0.6"]
+labels = ["ρ_n < 0", "[0, 0.3)", "[0.3, 0.6)", "ρ_n ≥ 0.6"]
 b["band"] = pd.cut(b.rho_n, bins, labels=labels, right=False)
 tab = b.groupby("band", observed=False).agg(pairs=("rho_n", "size"), rho_n=("rho_n", "mean"),
                                             signed=("mean", "mean"), absolute=("abs_mean", "mean"),
@@ -223,7 +227,7 @@ display(Markdown(
 
 # %% [markdown]
 # The same holds one level up: averaging $|\rho|$ over the test points of a model (or over runs) instead of $\rho$.
-# Per model, the mean over its five test points of $|\rho_n|$ against $|\text{mean of } \rho_n|$:
+# Per model, the mean over its examined test points of $|\rho_n|$ against $|\text{mean of } \rho_n|$:
 
 # %% tags=["hide-input"]
 tab_all = procedures.accuracy_table(full, "spearman", "all")
@@ -231,6 +235,7 @@ tab_all["abs_value"] = tab_all.value.abs()
 pm = tab_all.groupby(KEYS).agg(signed=("value", "mean"), absolute=("abs_value", "mean")).reset_index()
 pm_out = pm.groupby("weight_decay").agg(models=("signed", "size"), mean_signed=("signed", "mean"),
                                         mean_abs=("absolute", "mean")).reset_index()
+pm_out["weight_decay"] = pm_out.weight_decay.map("{:g}".format)
 display(pm_out.rename(columns={"weight_decay": "weight decay", "mean_signed": f"mean ρ_{n} (signed)",
                                "mean_abs": f"mean |ρ_{n}|"}).style.format(precision=3).hide(axis="index"))
 
@@ -320,7 +325,8 @@ for other in ("median", "random"):
                  "mean [95% CI]": fmt_ci(*mean_ci(d)) if len(d) else "n/a",
                  "share of models where highest is lower": f"{(d < 0).mean():.2f}" if len(d) else "n/a"})
 display(pd.DataFrame(rows).style.hide(axis="index"))
-display(Markdown(f"Within one model, ρ over the five examined test points spans **{spread.median():.2f}** "
+display(Markdown(f"Within one model, ρ over its {len(full[0]['test_points'])} examined test points spans "
+                 f"**{spread.median():.2f}** "
                  f"in the median model (max − min; {spread.notna().sum()} models with a defined spread)."))
 
 # %% [markdown]

@@ -66,6 +66,12 @@ def runtime_summary(records: Sequence[dict[str, Any]]) -> str:
             f"(median {np.median(t):.1f} s per record, single-threaded).")
 
 
+def settings_dropdown(fixed: dict[str, Any], title: str = "Every fixed setting") -> str:
+    """The settings shared by every record, as a folded Markdown table (a MyST dropdown), one row per key."""
+    rows = "\n".join(f"| `{k}` | `{v!s}` |" for k, v in fixed.items())
+    return f"```{{dropdown}} {title}\n| setting | value |\n| --- | --- |\n{rows}\n```"
+
+
 #: how the recorded stages of a record are grouped in a compute profile (a stage not listed counts as "other")
 STAGE_GROUPS = {"train": "theta* training", "polish": "theta* training", "loo": "LOO retraining",
                 "loo_newton": "LOO retraining", "pbrf": "PBRF"}
