@@ -119,10 +119,13 @@ axes[0].axhline(0, color="grey", lw=0.5)
 axes[0].set(ylim=(-1, 1), ylabel="Spearman (influence vs LOO)", title="per examined test point")
 ref = report.reference_values()["cifar10_lissa_last_layer"]
 axes[0].axhspan(ref["low"], ref["high"], color="orange", alpha=0.15, label="replication |Spearman| range")
-axes[0].legend(fontsize=8)
+axes[0].legend(fontsize=9, loc="lower left")
 r0 = ok[-1]
 tp = r0["test_points"][0]
-axes[1].scatter(tp["predicted"], tp["actual"])
+axes[1].scatter(tp["predicted"], tp["actual"], s=14)
+lim = [min(min(tp["predicted"]), min(tp["actual"])), max(max(tp["predicted"]), max(tp["actual"]))]
+axes[1].plot(lim, lim, color="grey", lw=0.8, ls="--", label="y = x (a perfect estimate)")
+axes[1].legend(fontsize=9, loc="upper left")
 axes[1].set(xlabel="predicted loss change", ylabel="actual (LOO) loss change",
             title=f"{r0['setting']['model']}, influence over "
                   f"{'the last layer' if r0['setting']['params'] == 'last' else 'all parameters'}, "
