@@ -1,6 +1,6 @@
 """Where the book's recompute time goes: the recorded timings of every committed record, by sweep and by stage.
 
-    .venv/bin/python benchmarks/record_profile.py
+    .venv/bin/python benchmarks/record_profile.py [--quiet-sample]
 
 Reads the committed records of the default profile (``results/<sweep>/*.json``; failed records are left out),
 groups each record's timings (theta* training, leave-one-out retraining, influence of all methods, LDS subset
@@ -9,7 +9,10 @@ retraining, PBRF, other) with :func:`influence_lib.experiments.report.stage_prof
 the minutes per stage group and the median and longest record, plus the total and the wall time it implies on a
 2-core machine (total / 2) against the target of issue "Exact ground truth, fast" (60 minutes on 2 cores).
 Timings are what each record measured when it was computed (single-threaded, possibly on a loaded machine), so
-they are upper bounds for a quiet one.
+they are upper bounds for a quiet one. ``--quiet-sample`` also recomputes a few settings here, one after the other in
+this process with one thread (nothing is written to a store): the convex-MNIST baseline and the Iris models of depth
+1, 4 and 8 (seed 0), and records their stage timings with the load average at the start, so that the recorded totals
+can be set against what a quiet machine takes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,35 @@ from influence_lib.experiments import presets, report, store  # noqa: E402
 TARGET_WALL_MINUTES_2_CORES = 60.0
 
 
-def main() -> dict:
+def quiet_sample() -> dict:
+    """Recompute a few default settings in this process (one thread, no store) and return their timings."""
+    import time
+
+    import torch
+
+    from influence_lib.experiments import run_influence
+
+    torch.set_num_threads(1)
+    out = {"loadavg_at_start": list(os.getloadavg()), "threads": 1, "records": {}}
+    iris = presets.settings("iris", "default")
+    picks = [("convex-mnist", presets.settings("convex-mnist", "default")[0])]
+    for d, wd in ((1, 0.005), (4, 0.005), (8, 0.0)):
+        picks.append((f"iris depth {d} wd {wd:g}", next(x for x in iris if (x["depth"], x["width"], x["weight_decay"],
+                                                                         x["seed"]) == (d, 5, wd, 0))))
+    for label, s in picks:
+        t = time.perf_counter()
+        rec = run_influence.run_setting(s)
+        out["records"][label] = {"seconds": time.perf_counter() - t, "timings": rec["timings"]}
+        print(f"quiet sample: {label}: {out['records'][label]['seconds']:.1f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quiet-sample", action="store_true", help="also recompute a few settings and time them")
+    args = ap.parse_args(argv)
     root = store.results_dir("default")
     sweeps = {}
     for name in presets.GRIDS:
@@ -51,6 +82,8 @@ def main() -> dict:
            "target_wall_minutes_on_2_cores": TARGET_WALL_MINUTES_2_CORES,
            "note": "recorded timings of the committed records (single-threaded; machine load at the time not "
                    "controlled): upper bounds"}
+    if args.quiet_sample:
+        out["quiet_sample"] = quiet_sample()
     dest = HERE / "results" / "record_profile.json"
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -83,6 +83,17 @@ for name in CHAPTERS:
 profile_table = pd.DataFrame(prof_rows).fillna(0.0)
 display(profile_table.style.format({c: "{:.1f}" for c in profile_table.columns if c != "sweep"})
         .hide(axis="index"))
+import json  # noqa: E402
+
+book = ex.book_root()
+prof_file = book / "benchmarks" / "results" / "record_profile.json" if book else None
+quiet = json.loads(prof_file.read_text()).get("quiet_sample") if prof_file and prof_file.is_file() else None
+if quiet:
+    display(Markdown(
+        "**The same settings on a quiet machine** (`benchmarks/record_profile.py --quiet-sample`, one thread, load "
+        f"average {quiet['loadavg_at_start'][0]:.1f} at the start): "
+        + "; ".join(f"{k} {v['seconds']:.0f} s" for k, v in quiet["records"].items())
+        + ". Against these, the recorded times above are inflated by the load they were computed under."))
 
 # %% [markdown]
 # **Changing a setting.** Every chapter has a `parameters` cell (profile, seeds, `overrides` of any setting in
