@@ -213,7 +213,6 @@ GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
 #: book grids whose committed records are knowingly incomplete (a recompute under way), with what is missing; the
 #: chapter computes the missing records when it is built (tests/test_sweep.py keeps this list honest both ways)
 INCOMPLETE: dict[str, str] = {
-    "cnn": "extended from 3 to 5 seeds (rules.SEEDS); the missing seeds are computed when the chapter is built",
 }
 
 #: the runner of each sweep whose settings carry no "runner" key (default: "influence")
