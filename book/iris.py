@@ -235,8 +235,7 @@ rows, ref_ours = [], {}
 
 def bounded_ci(values, lower):
     """Mean with its t interval, the interval clipped to the range of the statistic ([lower, 1])."""
-    m, lo, hi = mean_ci(values)
-    return fmt_ci(m, max(lo, lower), min(hi, 1.0))
+    return fmt_ci(*mean_ci(values), bounds=(lower, 1.0))
 
 
 
@@ -569,8 +568,8 @@ if len(two):
     agg = report.aggregate(per_model, ["depth"], cols)
     table = pd.DataFrame({"depth": agg.depth, "models": agg[f"{cols[0]}_n"]})
     for c in cols:  # intervals clipped to the statistic's range: [-1, 1] for correlations, [0, inf) for the error
-        lower, upper = (0.0, np.inf) if c == "optimiser error" else (-1.0, 1.0)
-        table[c] = [fmt_ci(m, max(lo, lower), min(hi, upper), 3)
+        bounds = (0.0, np.inf) if c == "optimiser error" else (-1.0, 1.0)
+        table[c] = [fmt_ci(m, lo, hi, 3, bounds=bounds)
                     for m, lo, hi in zip(agg[f"{c}_mean"], agg[f"{c}_lo"], agg[f"{c}_hi"], strict=True)]
     display(table.set_index("depth"))
     conv = [(r["loo_newton"]["n_converged"], len(r["loo_newton"]["converged"])) for r in n_ok]
@@ -619,8 +618,7 @@ def mean_ci_text(vals):
     v = np.asarray([x for x in vals if np.isfinite(x)])
     if len(v) < 2:
         return (f"{v.mean():.2f} (n={len(v)})" if len(v) else "n/a"), (v.mean() if len(v) else np.nan)
-    m, lo, hi = mean_ci(v)  # |Spearman| lives in [0, 1]: the t interval is clipped there
-    return f"{fmt_ci(m, max(lo, 0.0), min(hi, 1.0), 2)} (n={len(v)})", m
+    return f"{bounded_ci(v, 0.0)} (n={len(v)})", v.mean()  # |Spearman| lives in [0, 1]
 
 
 if rep_ok:

@@ -109,17 +109,16 @@ extra = per_model.groupby(["depth", "width", "weight_decay"]).agg(
 table = agg.merge(extra, on=["depth", "width", "weight_decay"])
 
 
-def fmt_ci(row, m):
+def row_ci(row, m):
     # correlations live in [-1, 1]: the Student-t interval over models is clipped there
-    lo, hi = max(row[m + "_lo"], -1.0), min(row[m + "_hi"], 1.0)
-    return f"{row[m + '_mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return report.fmt_ci(row[m + "_mean"], row[m + "_lo"], row[m + "_hi"], bounds=(-1.0, 1.0))
 
 
 show = pd.DataFrame({
     "depth": table.depth, "width": table.width, "wd": table.weight_decay.map("{:g}".format),
     "models": table.spearman_all_n.astype(int), "test acc.": table.test_acc.map("{:.2f}".format),
-    "Spearman, all removed": [fmt_ci(r, "spearman_all") for _, r in table.iterrows()],
-    f"Spearman, {top_col.removeprefix('spearman_')}": [fmt_ci(r, "spearman_top") for _, r in table.iterrows()],
+    "Spearman, all removed": [row_ci(r, "spearman_all") for _, r in table.iterrows()],
+    f"Spearman, {top_col.removeprefix('spearman_')}": [row_ci(r, "spearman_top") for _, r in table.iterrows()],
     "λ_max": table.lam_max.map("{:.3g}".format), "λ_min": table.lam_min.map("{:.1e}".format),
     "max grad norm": table.grad_norm.map(lambda v: f"{v:.1e}"),
 })

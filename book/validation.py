@@ -287,7 +287,7 @@ for name, t in point_rules.items():
         d = (v - base)[np.isclose(v.index.get_level_values("weight_decay"), wd)].dropna()
         mv, lo, hi = mean_ci(m_v) if len(m_v) else (np.nan,) * 3
         rows.append({"points": name, "weight decay": f"{wd:g}",  # a correlation: interval clipped to [-1, 1]
-                     "mean ρ per model [95% CI over models]": fmt_ci(mv, max(lo, -1.0), min(hi, 1.0)),
+                     "mean ρ per model [95% CI over models]": fmt_ci(mv, lo, hi, bounds=(-1.0, 1.0)),
                      f"minus all {n}, per (model, test point)": (fmt_ci(*mean_ci(d)) if len(d) > 1 and d.std() > 0
                                                                  else "—")})
 display(pd.DataFrame(rows).style.hide(axis="index"))

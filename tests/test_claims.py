@@ -255,3 +255,10 @@ def test_claim_box_carries_the_verdict_and_its_basis():
     for text in (c.verdict, c.statistic, "their protocol", "the differences", "Holm", c.excluded):
         assert text in box
     assert "The paper's protocol" not in claims.claim_box(c)  # the protocol is optional (one box per chapter)
+
+
+def test_fmt_ci_clips_an_interval_to_the_range_of_its_statistic():
+    assert report.fmt_ci(0.98, 0.94, 1.01, bounds=(-1.0, 1.0)) == "0.98 [0.94, 1.00]"
+    assert report.fmt_ci(0.05, -0.02, 0.1, bounds=(0.0, 1.0)) == "0.05 [0.00, 0.10]"
+    assert report.fmt_ci(0.98, 0.94, 1.01) == "0.98 [0.94, 1.01]"  # no bounds: unchanged
+    assert report.fmt_ci(0.5, float("nan"), float("nan"), bounds=(-1.0, 1.0)) == "0.50 (no interval)"

@@ -104,12 +104,16 @@ def stage_profile(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"records": len(ok), "seconds": total, "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}
 
 
-def fmt_ci(mean: float, lo: float, hi: float, digits: int = 2) -> str:
-    """``"m [lo, hi]"``; ``"m (no interval)"`` where the interval is undefined; ``"n/a"`` without a value."""
+def fmt_ci(mean: float, lo: float, hi: float, digits: int = 2,
+           bounds: tuple[float, float] = (-np.inf, np.inf)) -> str:
+    """``"m [lo, hi]"``; ``"m (no interval)"`` where the interval is undefined; ``"n/a"`` without a value. ``bounds``:
+    the range of the statistic (``(-1, 1)`` for a correlation, ``(0, 1)`` for ``|rho|``), to which a t interval is
+    clipped so that no interval is shown outside it."""
     if not np.isfinite(mean):
         return "n/a"
     if not np.isfinite(lo):
         return f"{mean:.{digits}f} (no interval)"
+    lo, hi = float(np.clip(lo, *bounds)), float(np.clip(hi, *bounds))
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
