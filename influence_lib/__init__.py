@@ -47,6 +47,7 @@ from .solvers import (
     ihvp_cg,
     ihvp_exact,
     ihvp_lissa,
+    ihvp_minres,
 )
 from .validation import NonFiniteError
 
@@ -60,6 +61,7 @@ __all__ = [
     "minimize_stacked", "pbrf_response", "pbrf_retrain",
     "TrainConfig", "NewtonConvergenceError", "NewtonResult", "newton_minimize", "newton_polish",
     "bootstrap_ci", "extreme_eigenvalues", "fit_stacked", "flat_params", "hessian", "hvp", "ihvp_arnoldi",
-    "ihvp_cg", "ihvp_pcg", "ihvp_exact", "ihvp_lissa", "influence", "lanczos", "loo_retrain", "mean_ci", "pearson",
+    "ihvp_cg", "ihvp_pcg", "ihvp_exact", "ihvp_lissa", "ihvp_minres", "influence", "lanczos", "loo_retrain",
+    "mean_ci", "pearson",
     "retrain_without", "set_flat_params", "spearman", "spectrum_summary", "top_k", "train_model",
 ]

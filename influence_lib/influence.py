@@ -36,6 +36,7 @@ from .solvers import (
     check_result,
     ihvp_cg,
     ihvp_lissa,
+    ihvp_minres,
 )
 from .streaming import as_tensors
 from .validation import check_choice, check_data, check_finite, check_indices, check_nonneg, check_options
@@ -62,6 +63,7 @@ class InfluenceCalculator:
         inverse-HVP solver, one of :data:`influence_lib.solvers.METHODS`; ``options`` go to it
         (cg: ``tol``, ``max_iter``, ``block``, ``preconditioner`` (None, ``"ekfac"`` or a fitted
         :class:`~influence_lib.ekfac.EKFACSolver`: preconditioned CG, :mod:`influence_lib.preconditioned`);
+        minres: ``tol``, ``max_iter`` (symmetric indefinite systems, where CG refuses);
         lissa: ``scale``, ``depth``, ``repeats``, ``batch_size``, ``seed``;
         arnoldi: ``rank``, ``iters``, ``seed``; ekfac: ``samples``, ``seed``, ``memory_budget`` — it approximates
         the Gauss-Newton matrix of the Linear/Conv2d layers, whatever ``curvature`` says, see
@@ -119,7 +121,7 @@ class InfluenceCalculator:
     @property
     def solver(self) -> EigenSolver | ArnoldiSolver | EKFACSolver | None:
         """The factorised solver that ``method`` "exact", "arnoldi" or "ekfac" built on first use (None before that,
-        and always None for the iterative methods "cg" and "lissa", which keep no state between calls)."""
+        and always None for the iterative methods "cg", "minres" and "lissa", which keep no state between calls)."""
         return self._solver
 
     # --- the inverse-HVP ----------------------------------------------------------------------
@@ -147,6 +149,8 @@ class InfluenceCalculator:
                         self._preconditioner = EKFACSolver(self.objective, self.theta, self.damping)
                     pre = self._preconditioner
                 X, info = ihvp_pcg(self.operator, V, self.damping, preconditioner=pre, **opts)
+        elif self.method == "minres":
+            X, info = ihvp_minres(self.operator, V, self.damping, **self.options)
         else:  # lissa
             X, info = ihvp_lissa(self.operator, V, self.damping, **self.options)
         self.last_info = info
@@ -247,9 +251,9 @@ def influence(
 
     ``(1/n) g_test^T (H + damping I)^{-1} g_i`` with ``H`` the Hessian of
     ``mean_i loss_fn(model(x_i), y_i) + (weight_decay/2)||theta||^2`` at the model's current parameters.
-    ``method`` in ``("exact", "cg", "lissa", "arnoldi", "ekfac")``; ``options`` go to :class:`InfluenceCalculator`
-    (``curvature``, ``params``, ``chunk_size``) or the solver. ``train`` and ``test`` are ``(X, y)`` tensors or a
-    ``torch.utils.data.Dataset`` / non-shuffling ``DataLoader`` of ``(x, y)`` items.
+    ``method`` in ``("exact", "cg", "minres", "lissa", "arnoldi", "ekfac")``; ``options`` go to
+    :class:`InfluenceCalculator` (``curvature``, ``params``, ``chunk_size``) or the solver. ``train`` and ``test``
+    are ``(X, y)`` tensors or a ``torch.utils.data.Dataset`` / non-shuffling ``DataLoader`` of ``(x, y)`` items.
     """
     calc_keys = {"curvature", "params", "chunk_size"}
     calc_opts = {k: options.pop(k) for k in list(options) if k in calc_keys}

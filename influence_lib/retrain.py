@@ -23,6 +23,7 @@ models of a stack see the same batches, and a removed point simply has weight ze
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -48,6 +49,10 @@ from .validation import (
 OPTIMIZERS = ("sgd", "adam", "newton")  # "newton": influence_lib.newton, to a gradient-norm tolerance
 REFERENCES = ("retrained", "original")
 NORMALIZATIONS = ("remaining", "full")
+#: learning-rate schedules of the first-order optimisers: ``"constant"``, or ``"cosine"``: step ``t`` of ``T`` uses
+#: ``lr * (1 + cos(pi (t - 1) / T)) / 2`` (from ``lr`` down towards 0), which lets Adam settle at a point of small
+#: gradient instead of hovering around it at the step size ``lr``
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class TrainConfig:
     ``optimizer="newton"`` (:func:`influence_lib.newton.newton_minimize`, full batch only) ignores ``lr``, ``steps``,
     ``momentum``, ``betas`` and ``eps`` and stops at the relative gradient-norm tolerance ``tol`` (default
     :func:`influence_lib.newton.default_tol` of the dtype) or after ``max_iter`` iterations (then it raises).
+    ``lr_schedule`` (:data:`LR_SCHEDULES`): ``"constant"`` or ``"cosine"`` decay of ``lr`` over the ``steps``.
     """
 
     optimizer: str = "adam"
@@ -70,9 +76,11 @@ class TrainConfig:
     normalization: str = "remaining"
     tol: float | None = None
     max_iter: int = 100
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.optimizer == "newton":
             if self.batch_size is not None:
                 raise ValueError(f"batch_size must be None (full batch) for optimizer='newton', got {self.batch_size}")
@@ -93,7 +101,15 @@ class TrainConfig:
         d = asdict(self)
         if self.optimizer != "newton":  # the Newton options, absent from the configs of the other optimisers
             del d["tol"], d["max_iter"]
+        if self.lr_schedule == "constant":  # listed only where it differs (configs recorded before it keep their form)
+            del d["lr_schedule"]
         return d
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate of step ``t`` (1-based) under ``lr_schedule``."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (t - 1) / self.steps))
+        return self.lr
 
 
 def _batches(n: int, cfg: TrainConfig, device: torch.device):
@@ -209,12 +225,12 @@ def minimize_stacked(
             if cfg.momentum > 0:
                 buf = g.clone() if t == 1 else cfg.momentum * buf + g
                 g = buf
-            theta = theta - cfg.lr * g
+            theta = theta - cfg.lr_at(t) * g
         else:
             buf.mul_(b1).add_(g, alpha=1 - b1)
             sq.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (sq.sqrt() / ((1 - b2 ** t) ** 0.5)).add_(cfg.eps)
-            theta = theta - (cfg.lr / (1 - b1 ** t)) * buf / denom
+            theta = theta - (cfg.lr_at(t) / (1 - b1 ** t)) * buf / denom
         bad = ~torch.isfinite(theta).all(1)
         if bool((bad & ~dead).any()):
             if on_nonfinite == "raise":
@@ -268,6 +284,7 @@ def train_model(
     chunk_size: int | None = None,
     tol: float | None = None,
     max_iter: int = 100,
+    lr_schedule: str = "constant",
 ) -> dict[str, Any]:
     """Train ``model`` in place (from its current parameters) on the objective above with all weights 1.
 
@@ -275,10 +292,10 @@ def train_model(
     the sign of a stationary point, which the influence approximation assumes. ``optimizer="newton"`` is
     :func:`influence_lib.newton.newton_polish` (to the stationary point nearest the current parameters, e.g. after
     Adam; ``tol``, ``max_iter``; raises :class:`~influence_lib.newton.NewtonConvergenceError` if it is not reached)
-    and adds ``"grad_norm_start"``, ``"iterations"`` and ``"converged"``.
+    and adds ``"grad_norm_start"``, ``"iterations"`` and ``"converged"``. ``lr_schedule``: see :class:`TrainConfig`.
     """
     cfg = TrainConfig(optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, seed=seed, momentum=momentum,
-                      tol=tol, max_iter=max_iter)
+                      tol=tol, max_iter=max_iter, lr_schedule=lr_schedule)
     if optimizer == "newton":
         return newton_polish(model, loss_fn, train, weight_decay=weight_decay, tol=tol, max_iter=max_iter)
     obj = Objective(model, loss_fn, *train, weight_decay=weight_decay, chunk_size=chunk_size)
@@ -346,6 +363,7 @@ def retrain_without(
     tol: float | None = None,
     max_iter: int = 100,
     on_failure: str = "raise",
+    lr_schedule: str = "constant",
 ) -> LOOResult:
     """Retrain once per removed training point; all models of a chunk are trained together.
 
@@ -360,14 +378,15 @@ def retrain_without(
     gradient-norm tolerance ``tol``, at most ``max_iter`` iterations (``lr`` and ``steps`` are not used). A model that
     misses it: ``on_failure="raise"`` (default) raises :class:`~influence_lib.newton.NewtonConvergenceError`;
     ``"flag"`` returns its row of ``theta`` and ``test_losses`` as NaN with ``converged`` False (a reference that
-    misses it makes every loss change NaN).
+    misses it makes every loss change NaN). ``lr_schedule``: see :class:`TrainConfig` (the reference is trained
+    under the same schedule).
     """
     check_choice("reference", reference, REFERENCES)
     check_choice("on_failure", on_failure, ("raise", "flag"))
     if reference == "original" and not warm_start:
         raise ValueError("reference='original' requires warm_start=True (a from-scratch model has no original)")
     cfg = TrainConfig(optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, seed=seed, momentum=momentum,
-                      normalization=normalization, tol=tol, max_iter=max_iter)
+                      normalization=normalization, tol=tol, max_iter=max_iter, lr_schedule=lr_schedule)
     obj = Objective(model, loss_fn, *train, weight_decay=weight_decay)
     if batch_size is not None and batch_size > obj.n:
         raise ValueError(f"batch_size must be <= the number of training rows ({obj.n}), got {batch_size}")

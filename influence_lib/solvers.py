@@ -8,6 +8,9 @@ interchangeable; each returns ``(X, info)`` where ``info`` is a small dict of di
                        as ``A + damping I`` is non-singular).
 - :func:`ihvp_cg`      block conjugate gradients (all columns share one Krylov space; or per column),
                        stopping on the *true* residual.
+- :func:`ihvp_minres`  MINRES (Paige & Saunders 1975), one Krylov recursion per column: symmetric *indefinite*
+                       systems too, where CG must refuse (the Hessian of a non-convex model plus a damping below
+                       ``-lambda_min``), stopping on the true residual.
 - :func:`ihvp_lissa`   the stochastic Neumann-series recursion of Agarwal et al. (2017) as used by Koh & Liang.
 - :func:`ihvp_arnoldi` low-rank: the top-``rank`` eigenpairs from a Krylov (Lanczos/Arnoldi) iteration,
                        inverted in that subspace and zero outside it (Schioppa et al. 2022).
@@ -318,6 +321,117 @@ def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: 
     return iters, int((vnorm > 0).sum())
 
 
+def ihvp_minres(
+    A: LinearOperator,
+    V: Tensor,
+    damping: float = 0.0,
+    *,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """MINRES on ``(A + damping I) X = V``: each column's iterate minimises ``||v - (A + damping I) x||`` over the
+    Krylov space ``span{v, Av, ..., A^{j-1} v}`` (Paige & Saunders 1975; the Lanczos recursion with Givens rotations).
+
+    Unlike CG it needs ``A + damping I`` only symmetric and non-singular, not positive definite: on the damped
+    Hessian of a non-convex model with ``lambda_min(A) < -damping`` it returns the same ``(A + damping I)^{-1} V`` as
+    :func:`ihvp_exact`, without a dense matrix. The ``k`` columns run as independent recursions whose products are
+    batched (``A`` is applied to the block of unconverged columns). Each column stops when its *true* residual
+    ``||v - (A + damping I) x|| <= tol ||v||`` (``tol=None``: :func:`default_cg_tol` of the dtype): the recursion's
+    residual estimate is confirmed by one product, and a column whose rounding has drifted restarts from its true
+    residual. Raises :class:`SolverError` after ``max_iter`` steps in all (default ``10 p``), which is also what a
+    singular system does. ``info``: ``iterations`` and ``residual`` (final relative true residual) per column,
+    ``products`` (columns multiplied by ``A``, including the residual checks) and ``restarts``.
+    """
+    check_nonneg("damping", damping)
+    _check_size(A, V)
+    Vb, single = _as_block(V)
+    tol = default_cg_tol(Vb.dtype) if tol is None else tol
+    check_positive("tol", tol)
+    p, k = Vb.shape
+    max_iter = 10 * p if max_iter is None else max_iter
+    check_positive_int("max_iter", max_iter)
+    counter = [0]
+
+    def apply(Z: Tensor) -> Tensor:
+        counter[0] += Z.shape[1]
+        return A.matmat(Z) + damping * Z
+
+    vnorm = Vb.norm(dim=0)
+    X = torch.zeros_like(Vb)
+    R = Vb.clone()
+    iters = torch.zeros(k, dtype=torch.long)
+    restarts = -1
+    while True:
+        active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
+        if not bool(active.any()):
+            break
+        left = max_iter - int(iters.max())
+        if left <= 0:
+            res = torch.where(vnorm > 0, R.norm(dim=0) / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny), 0.0)
+            raise SolverError(f"MINRES did not reach tol={tol:g} in max_iter={max_iter} iterations (worst relative "
+                              f"residual {float(res.max()):.3g}); increase max_iter, or the system may be singular "
+                              "(choose a damping away from -lambda_min(A))")
+        restarts += 1
+        idx = active.nonzero().squeeze(1)
+        dX, steps = _minres_columns(apply, R[:, idx], tol * vnorm[idx], left)
+        X[:, idx] += dX
+        iters[idx] += steps
+        R = Vb - apply(X)
+    residual = torch.where(vnorm > 0, R.norm(dim=0) / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny), 0.0)
+    info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0],
+            "restarts": max(restarts, 0)}
+    return (X.squeeze(1) if single else X), info
+
+
+def _minres_columns(apply, B: Tensor, target: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
+    """Independent MINRES recursions from ``x = 0`` for the columns of ``B`` ``[p, m]``, each until its residual
+    estimate ``phibar`` is at most ``target`` ``[m]`` (or its Krylov space is exhausted) or ``max_iter`` steps;
+    returns ``(X, steps per column)``. The state of a finished column is frozen (``torch.where``), so the columns
+    never mix."""
+    m = B.shape[1]
+    zero = torch.zeros(m, dtype=B.dtype, device=B.device)
+    beta1 = B.norm(dim=0)
+    r1, r2, y = B.clone(), B.clone(), B.clone()
+    oldb, beta, dbar, epsln, phibar = zero.clone(), beta1.clone(), zero.clone(), zero.clone(), beta1.clone()
+    cs, sn = -torch.ones_like(zero), zero.clone()
+    w, w2, X = torch.zeros_like(B), torch.zeros_like(B), torch.zeros_like(B)
+    steps = torch.zeros(m, dtype=torch.long)
+    active = phibar > target
+    tiny = torch.finfo(B.dtype).tiny
+    for it in range(1, max_iter + 1):
+        if not bool(active.any()):
+            break
+        idx = active.nonzero().squeeze(1)
+        v = y / beta.clamp_min(tiny)
+        Av = torch.zeros_like(B)
+        Av[:, idx] = apply(v[:, idx])
+        if it > 1:
+            Av = Av - (beta / oldb.clamp_min(tiny)) * r1
+        alfa = (v * Av).sum(0)
+        Av = Av - (alfa / beta.clamp_min(tiny)) * r2
+        new_beta = Av.norm(dim=0)
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        new_eps = sn * new_beta
+        new_dbar = -cs * new_beta
+        gamma = torch.hypot(gbar, new_beta).clamp_min(tiny)
+        new_cs, new_sn = gbar / gamma, new_beta / gamma
+        phi = new_cs * phibar
+        new_w = (v - epsln * w2 - delta * w) / gamma
+        a = active.unsqueeze(0)
+        X = torch.where(a, X + phi * new_w, X)
+        w2, w = torch.where(a, w, w2), torch.where(a, new_w, w)
+        r1, r2, y = torch.where(a, r2, r1), torch.where(a, Av, r2), torch.where(a, Av, y)
+        oldb = torch.where(active, beta, oldb)
+        beta, epsln, dbar = (torch.where(active, new_beta, beta), torch.where(active, new_eps, epsln),
+                             torch.where(active, new_dbar, dbar))
+        cs, sn = torch.where(active, new_cs, cs), torch.where(active, new_sn, sn)
+        phibar = torch.where(active, new_sn * phibar, phibar)
+        steps[idx] += 1
+        active = active & (phibar > target) & (beta > 0)
+    return X, steps
+
+
 def ihvp_lissa(
     A: LinearOperator,
     V: Tensor,
@@ -549,6 +663,7 @@ def ihvp_arnoldi(
 SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
     "exact": (),
     "cg": ("tol", "max_iter", "block", "preconditioner"),  # preconditioner: influence_lib.preconditioned
+    "minres": ("tol", "max_iter"),
     "lissa": ("scale", "depth", "repeats", "batch_size", "seed", "divergence_factor"),
     "arnoldi": ("rank", "iters", "seed"),
     "ekfac": ("samples", "seed", "memory_budget"),  # influence_lib.ekfac: Gauss-Newton of Linear/Conv2d layers

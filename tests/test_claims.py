@@ -115,6 +115,20 @@ def test_lissa_claims_pair_within_models():
     assert claims.stochastic_estimation(same, FINDINGS).verdict == "absent"
 
 
+def test_a_model_on_which_lissa_failed_counts_as_run_and_is_named():
+    """rules.py: an estimator's refusal is a result about the estimator, not a missing seed. A sweep of 5 seeds in
+    which LiSSA diverged on one model is not provisional; the failure is counted in the measured text."""
+    rng = np.random.default_rng(8)
+    recs = [_mnist(d, 0.001, s, 0.1, rng) for d in (1, 2) for s in range(5)]
+    for r in recs:
+        r["setting"]["methods"] = ["exact", "lissa"]
+    for tp in recs[3]["test_points"]:
+        del tp["estimators"]["lissa"]  # diverged: the record keeps the error, the test points no scores
+    c = claims.stochastic_estimation(recs, FINDINGS)
+    assert not c.provisional and c.seeds == 5
+    assert "failed (diverged) on 1 of 10 models" in c.measured and c.n_models == 9
+
+
 def test_cnn_claim_needs_depths_and_stationary_models():
     rng = np.random.default_rng(7)
     one_depth = [_record(2, 4, 0.001, s, [0.5, 0.6], model=m, params="last", dataset="fashion-mnist", k=8)

@@ -175,6 +175,57 @@ def test_cg_reports_non_positive_curvature(nonconvex_problem, block):
         il.ihvp_cg(op, v, 0.0, block=block)
 
 
+def test_minres(problem):
+    op, H, damping = problem
+    V = rhs(op.size)
+    X, info = il.ihvp_minres(op, V, damping, tol=1e-10)
+    assert rel_err(X, dense_solve(H, V, damping)) < 1e-7
+    assert max(info["residual"]) <= 1e-10
+
+
+@pytest.mark.parametrize("below", [0.05, 0.5])
+def test_minres_solves_the_indefinite_damped_systems_cg_refuses(nonconvex_problem, below):
+    """damping below -lambda_min: A + damping I is indefinite (CG must refuse), non-singular, and MINRES returns the
+    dense solve, also for a zero column and a duplicated (scaled) one."""
+    *_, H, evals = nonconvex_problem
+    damping = max(0.0, -float(evals[0]) - below)
+    shifted = evals + damping
+    assert bool((shifted < 0).any()) and float(shifted.abs().min()) > 1e-6
+    op = il.DenseOperator(H)
+    V = rhs(H.shape[0], k=4)
+    V[:, 2] = 0.0
+    V[:, 3] = -3.0 * V[:, 0]
+    with pytest.raises(il.SolverError, match="not positive definite"):
+        il.ihvp_cg(op, V, damping)
+    X, info = il.ihvp_minres(op, V, damping, tol=1e-10)
+    ref = dense_solve(H, V, damping)
+    cond = float(shifted.abs().max() / shifted.abs().min())
+    # a relative residual of 1e-10 bounds the relative error by cond * 1e-10
+    assert rel_err(X, ref) <= 10 * cond * 1e-10
+    assert max(info["residual"]) <= 1e-10
+    assert info["iterations"][2] == 0 and bool((X[:, 2] == 0).all())
+    assert torch.allclose(X[:, 3], -3.0 * X[:, 0], rtol=1e-6, atol=1e-10 * float(X[:, 0].norm()))
+
+
+def test_minres_through_the_influence_calculator_matches_exact(nonconvex_problem):
+    model, (X, y), _, evals = nonconvex_problem
+    damping = max(0.0, -float(evals[0]) - 0.05)  # indefinite: "cg" refuses this system, "minres" does not
+    test = (X[:5], y[:5])
+    exact = il.influence(model, F.cross_entropy, (X, y), test, weight_decay=0.01, method="exact", damping=damping)
+    minres = il.influence(model, F.cross_entropy, (X, y), test, weight_decay=0.01, method="minres", damping=damping,
+                          tol=1e-10)
+    assert rel_err(minres, exact) < 1e-6
+
+
+def test_minres_in_float32_reaches_its_default_tolerance(convex_problem):
+    _, _, H = convex_problem
+    op = il.DenseOperator(H.float())
+    V = rhs(H.shape[0]).float()
+    X, info = il.ihvp_minres(op, V, 0.01)
+    assert max(info["residual"]) <= il.solvers.default_cg_tol(torch.float32)
+    assert rel_err(X.double(), dense_solve(H, V.double(), 0.01)) < 1e-3
+
+
 def test_solvers_reject_bad_input(convex_problem):
     _, _, H = convex_problem
     op = il.DenseOperator(H)
@@ -194,6 +245,12 @@ def test_solvers_reject_bad_input(convex_problem):
         il.ihvp_cg(op, rhs(H.shape[0]), 0.0, tol=1e-14, max_iter=2, block=False)
     with pytest.raises(ValueError, match="x0"):
         il.ihvp_cg(op, rhs(H.shape[0]), 0.1, x0=rhs(H.shape[0], k=1))
+    with pytest.raises(il.SolverError, match="max_iter"):
+        il.ihvp_minres(op, rhs(H.shape[0]), 0.0, tol=1e-14, max_iter=2)
+    with pytest.raises(ValueError, match="tol"):
+        il.ihvp_minres(op, rhs(H.shape[0]), 0.1, tol=0.0)
+    with pytest.raises(ValueError, match="rows"):
+        il.ihvp_minres(op, rhs(H.shape[0] + 1), 0.1)
 
 
 def test_eigh_falls_back_when_divide_and_conquer_fails(monkeypatch):

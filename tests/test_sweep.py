@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from influence_lib import experiments as ex
 from influence_lib.experiments import executor, presets, run_influence, store
@@ -152,6 +153,58 @@ def test_the_full_batch_lissa_of_a_record_is_truncation_alone(tmp_path):
         factors.append(info["truncation_factor"])
     assert factors[1] < 1e-20 and errs[1] < 1e-10  # converged: the exact scores
     assert errs[0] > 1e-2  # 20 terms of the series are far from them
+
+
+def test_a_loo_replicate_under_the_same_protocol_reproduces_the_loo_and_others_differ():
+    """The noise ceiling's replicates: one under the setting's own protocol gives the record's LOO of the same
+    removals (to rounding: the stack holds fewer models), so its agreement is 1; a cold start from another seed
+    gives other numbers, and the record's claims read the ceiling from the stored vectors."""
+    from influence_lib.experiments import claims
+
+    s = {**TINY, "remove": "top", "k": 6, "n_random_test": 0,
+         "loo_replicates": [{"steps": TINY["loo_steps"]},
+                            {"warm_start": False, "seed": 1000, "steps": TINY["steps"], "lr": 0.01}],
+         "loo_replicate_k": 4}
+    rec = run_influence.run_setting(s)
+    pos = rec["loo_replicates"]["positions"]
+    assert 4 <= len(pos) <= 8 and pos == sorted(set(pos))
+    for tp in rec["test_points"]:
+        a = np.array(tp["actual"])[pos]
+        same, cold = tp["replicates"]
+        np.testing.assert_allclose(same["actual"], a, rtol=1e-9, atol=1e-12)
+        assert not np.allclose(cold["actual"], a, rtol=1e-3)
+        assert corr(a, cold["actual"]) == cold["vs_loo"]
+    assert [p["protocol"] for p in rec["loo_replicates"]["protocols"]] == s["loo_replicates"]
+    ceiling = claims.noise_ceiling([rec], {"rule": "all", "roles": None})
+    assert [c["label"] for c in ceiling] == list(claims.CEILING_LABELS)
+    assert ceiling[0]["mean"] == pytest.approx(np.tanh(np.arctanh(0.9999)), abs=1e-9)  # 1, clipped for Fisher z
+    assert -1 < ceiling[1]["mean"] < 1 and ceiling[1]["n"] == 1
+    with pytest.raises(ValueError, match="loo_replicates"):
+        normalize_setting({**TINY, "loo_replicates": [{"momentum": 0.9}]})
+
+
+def test_a_cosine_schedule_decays_the_learning_rate_step_by_step():
+    """lr_schedule="cosine": step t of T uses lr (1 + cos(pi (t - 1) / T)) / 2. Gradient descent on a quadratic
+    (a / 2) theta^2 therefore ends at prod_t (1 - lr_t a) theta_0 exactly; the setting key reaches the training."""
+    from influence_lib.retrain import TrainConfig, minimize_stacked
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, steps=7, lr_schedule="cosine")
+    assert [cfg.lr_at(t) for t in (1, 7)] == pytest.approx([0.1, 0.1 * (1 + np.cos(6 * np.pi / 7)) / 2])
+    assert "lr_schedule" not in TrainConfig().to_dict() and cfg.to_dict()["lr_schedule"] == "cosine"
+    a = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)
+    theta0 = torch.ones(3, 1, dtype=torch.float64)
+    out = minimize_stacked(lambda th, rows: 0.5 * a * th[:, 0] ** 2, theta0, 1, cfg)
+    expected = torch.tensor([np.prod([1 - cfg.lr_at(t) * float(ai) for t in range(1, 8)]) for ai in a])
+    torch.testing.assert_close(out[:, 0], expected.double(), rtol=1e-14, atol=1e-15)
+    const = minimize_stacked(lambda th, rows: 0.5 * a * th[:, 0] ** 2, theta0, 1,
+                             TrainConfig(optimizer="sgd", lr=0.1, steps=7))
+    torch.testing.assert_close(const[:, 0], (1 - 0.1 * a) ** 7, rtol=1e-14, atol=1e-15)
+    r1 = run_influence.run_setting({**TINY, "methods": ["exact"]})
+    r2 = run_influence.run_setting({**TINY, "methods": ["exact"], "lr_schedule": "cosine", "loo_lr_schedule": "cosine"})
+    assert r1["training"]["loss"] != r2["training"]["loss"] and r1["test_points"][0]["actual"] != \
+        r2["test_points"][0]["actual"]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        normalize_setting({**TINY, "lr_schedule": "linear"})
 
 
 def test_equal_numbers_are_one_setting_and_one_key():

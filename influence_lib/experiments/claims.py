@@ -157,9 +157,11 @@ def _fmt(e: stats.Effect, digits: int) -> str:
 
 
 def _judge(rule: R.Rule, finding: str, paper: str, chapter: str, records: Records,
-           compute: Callable[[Any], tuple], procedure: dict[str, Any] | None = None, digits: int = 3) -> Claim:
+           compute: Callable[[Any], tuple], procedure: dict[str, Any] | None = None, digits: int = 3,
+           seeds: int | None = None) -> Claim:
     """The claim of ``rule``: ``compute(frame) -> (effect, description[, what is counted])`` on the healthy models
-    (the verdict) and on all models (the sensitivity value)."""
+    (the verdict) and on all models (the sensitivity value). ``seeds``: the seeds per setting the sweep ran (default:
+    those of ``records``), where ``records`` leaves out models on which the judged estimator failed."""
     ok = _ok(records)
     if not ok:
         return _missing(finding, paper, chapter, key=rule.key, margin=rule.margin, direction=rule.direction,
@@ -181,7 +183,8 @@ def _judge(rule: R.Rule, finding: str, paper: str, chapter: str, records: Record
                  p_zero=eff.p_zero, p_equivalence=eff.p_equivalence(rule.margin), n_models=n_healthy,
                  n_total=len(f), n_excluded=len(excluded), excluded=stats.exclusion_summary(excluded, len(f)),
                  sensitivity=f"all {len(f)} models: {_fmt(eff_all, digits)} ({eff_all.n} {units} defined; {v_all})",
-                 sensitivity_verdict=v_all, seeds=_seeds(ok), seeds_required=rule.seeds, effect=eff)
+                 sensitivity_verdict=v_all, seeds=_seeds(ok) if seeds is None else seeds, seeds_required=rule.seeds,
+                 effect=eff)
 
 
 def _procedure_label(p: dict[str, Any], records: Records = ()) -> str:
@@ -367,28 +370,39 @@ def lissa_decomposition(records: Records, method: str = "lissa", truncated: str 
 
 
 def _lissa_claim(records: Records, findings: dict[str, str], method: str, key: str) -> Claim:
+    """The LiSSA claims. A model on which ``method`` failed (LiSSA diverges where ``A + damping I`` is indefinite or
+    the scale too small) has no paired difference and is left out of the effect, but it was run: the seeds are those
+    of every model the sweep trained, and the failures are counted in the description (rules.py: an estimator's
+    refusal is a result about the estimator, not a missing seed)."""
     rl = R.RULES[key]
-    ok = [r for r in _ok(records) if any((tp.get("estimators") or {}).get(method) for tp in r["test_points"])]
+    def ran(r):
+        return any((tp.get("estimators") or {}).get(method) for tp in r["test_points"])
+
+    tried = [r for r in _ok(records) if method in r["setting"].get("methods", []) or ran(r)]
+    ok = [r for r in tried if ran(r)]
+    n_failed = len(tried) - len(ok)
     finding = "stochastic estimation" if key == "lissa" else "stochastic estimation × depth"
     if not ok:
         return _missing(finding, findings["stochastic"], "mnist", key=key, margin=rl.margin, direction=rl.direction,
                         seeds_required=rl.seeds)
     d = _lissa_differences(ok, method)
     w0 = d.groupby("width").depth.nunique().idxmax()
+    failed = (f"; {method} failed (diverged) on {n_failed} of {len(tried)} models, which have no paired difference"
+              if n_failed else "")
 
     def compute(f):
         part = d.loc[f.index]  # the frame rows are in the order of ``ok``, as are those of ``d``
         if key == "lissa":
             return (stats.mean_effect(part["diff"].to_numpy()),
                     f"small-MNIST MLPs, {method} vs exact on the same models (model = unit; median relative error "
-                    f"{np.nanmedian(part.rel_err):.2g})")
+                    f"{np.nanmedian(part.rel_err):.2g}){failed}")
         part = part[part.width == w0]
         return (stats.slope_effect(part.depth, part["diff"], groups=part.weight_decay),
                 f"small-MNIST MLPs (width {w0}, depths {', '.join(str(x) for x in sorted(part.depth.unique()))}; "
                 "weight-decay arm as a fixed effect), per-model Spearman with LOO, {method} minus exact".replace(
-                    "{method}", method))
+                    "{method}", method) + failed)
 
-    return _judge(rl, finding, findings["stochastic"], "mnist", ok, compute)
+    return _judge(rl, finding, findings["stochastic"], "mnist", ok, compute, seeds=_seeds(tried))
 
 
 def stochastic_estimation(records: Records, findings: dict[str, str], method: str = "lissa") -> Claim:
@@ -605,6 +619,71 @@ def validation_procedure(records: Records, claim: str, k: int = 25) -> Claim:
                  margin=rl.margin, direction=rl.direction, unit=rl.unit, n_models=len(healthy), n_total=len(ok),
                  n_excluded=len(excluded), excluded=stats.exclusion_summary(excluded, len(ok)),
                  seeds=_seeds(ok), seeds_required=rl.seeds)
+
+
+# --- the leave-one-out noise ceiling ------------------------------------------------------------------------------
+#: the replicate protocols of the ceiling sweeps (presets._ceiling), in their order
+CEILING_LABELS = ("warm start, twice the steps", "cold start, another seed")
+#: which ceiling sweep stands beside the claims of which sweep
+CEILING_OF = {"iris": "iris-ceiling", "mnist": "mnist-ceiling", "cnn": "cnn-ceiling"}
+
+
+def noise_ceiling(records: Records, procedure: dict[str, Any]) -> list[dict[str, Any]]:
+    """How high could an estimate's agreement with LOO be? Per replicate protocol of the records (``loo_replicates``):
+    per healthy model, the Spearman correlation of the record's LOO with the replicate's LOO of the same removals,
+    on the points ``procedure`` selects (top-``k`` |predicted| of its test points), Fisher-z mean over the model's
+    test points; then the Fisher-z mean over models with a 95 % interval. Beside it, the agreement of the exact
+    influence with the record's LOO on the same points (``influence``), so the two can be read together.
+
+    Returns one dict per protocol: ``label``, ``protocol``, ``mean``, ``lo``, ``hi``, ``n`` (models) and
+    ``influence`` (``mean``, ``lo``, ``hi``, ``n``)."""
+    from . import procedures
+
+    healthy, _ = stats.split_healthy(_ok(records))
+    healthy = [r for r in healthy if r.get("loo_replicates")]
+    if not healthy:
+        return []
+    n_rep = min(len(r["loo_replicates"]["protocols"]) for r in healthy)
+    roles = procedure.get("roles")
+    out = []
+    for i in range(n_rep):
+        ceil_m, infl_m = [], []
+        for r in healthy:
+            pos = np.asarray(r["loo_replicates"]["positions"], dtype=int)
+            k = procedure.get("k")
+            k = r["setting"].get("k") if k == "setting" else k
+            c_vals, i_vals = [], []
+            for tp in r["test_points"]:
+                if roles is not None and tp.get("role") not in roles or "replicates" not in tp:
+                    continue
+                p = np.asarray(tp["predicted"], dtype=float)[pos]
+                a = np.asarray(tp["actual"], dtype=float)[pos]
+                b = np.asarray(tp["replicates"][i]["actual"], dtype=float)
+                idx = procedures.select(p, procedure.get("rule", "all"),
+                                        None if procedure.get("rule", "all") == "all" else min(int(k), p.size))
+                if idx.size < 3:
+                    continue
+                try:
+                    c_vals.append(procedures.agreement(a[idx], b[idx], "spearman"))
+                    i_vals.append(procedures.agreement(p[idx], a[idx], "spearman"))
+                except ValueError:  # a constant vector: undefined
+                    continue
+            ceil_m.append(stats.mean_correlation(c_vals)[0])
+            infl_m.append(stats.mean_correlation(i_vals)[0])
+        m, lo, hi, n = stats.mean_correlation_ci(ceil_m)
+        im, ilo, ihi, inn = stats.mean_correlation_ci(infl_m)
+        label = CEILING_LABELS[i] if i < len(CEILING_LABELS) else f"replicate {i + 1}"
+        out.append({"label": label, "protocol": healthy[0]["loo_replicates"]["protocols"][i]["protocol"],
+                    "mean": m, "lo": lo, "hi": hi, "n": n,
+                    "influence": {"mean": im, "lo": ilo, "hi": ihi, "n": inn}})
+    return out
+
+
+def ceiling_text(ceiling: Sequence[dict[str, Any]]) -> str:
+    """The ceiling in one phrase: ``"LOO vs LOO 0.98 [0.97, 0.99] (warm start, twice the steps), ..."``."""
+    if not ceiling:
+        return "not measured"
+    return "; ".join(f"{c['label']}: {fmt_ci(c['mean'], c['lo'], c['hi'])} ({c['n']} models)" for c in ceiling)
 
 
 # --- the table -------------------------------------------------------------------------------------------------

@@ -100,6 +100,14 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
     timings["loo"] = time.perf_counter() - t
     actual = loo.loss_change.T  # [T, R]
 
+    # the LOO noise ceiling: the same removals (or the top ones) retrained again under other protocols
+    replicate_block, replicate_actual = None, []
+    if o["loo_replicates"]:
+        t = time.perf_counter()
+        replicate_block, replicate_actual = loo_replicates(model, loss_fn, train, sel_test, remove, pred, roles, s, o,
+                                                           progress)
+        timings["loo_replicates"] = time.perf_counter() - t
+
     # the second leave-one-out ground truth: Newton-converged from theta*
     newton_actual, newton_info = None, None
     if o["loo_newton"]:
@@ -147,6 +155,15 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
             a_all = actual[j].detach().cpu().numpy()
             entry["newton"] = {"actual": vector_or_none(nv), "all": corr(p_all[fin], nv[fin]),
                                "vs_warm_start": corr(a_all[fin], nv[fin])}
+    for j, entry in enumerate(points):
+        if replicate_actual:
+            a_all = actual[j].detach().cpu().numpy()
+            pos = np.asarray(replicate_block["positions"])
+            entry["replicates"] = [{"actual": vector(rep[j]), "vs_loo": corr(a_all[pos], rep[j]),
+                                    "predicted_vs_loo": corr(pred[j, remove].detach().cpu().numpy()[pos], a_all[pos]),
+                                    "predicted_vs_replicate": corr(pred[j, remove].detach().cpu().numpy()[pos],
+                                                                   rep[j])}
+                                   for rep in replicate_actual]
     timings["total"] = time.perf_counter() - t_all
     body: dict[str, Any] = {
         "dataset": dataset_block(data),
@@ -164,7 +181,35 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
         body["pbrf"] = pbrf_info
     if newton_info is not None:
         body["loo_newton"] = newton_info
+    if replicate_block is not None:
+        body["loo_replicates"] = replicate_block
     return finish_record("influence", s, body, timings)
+
+
+def loo_replicates(model, loss_fn, train, test, remove, pred, roles, s, o, progress=False):
+    """The setting's removals (the pooled top ``loo_replicate_k`` |predicted| of the highest- and median-loss test
+    points, or all) retrained under each protocol of ``loo_replicates``: ``(block, [array [T, R'] per replicate])``;
+    ``block["positions"]`` indexes the replicated removals within ``remove``."""
+    from .settings import REPLICATE_KEYS
+
+    k = o["loo_replicate_k"]
+    if k is None:
+        pos = np.arange(len(remove))
+    else:
+        chosen: set[int] = set()
+        for j, (role, _) in enumerate(roles):
+            if role in ("highest", "median"):
+                chosen.update(int(i) for i in top_k(pred[j, remove], min(k, len(remove))))
+        pos = np.array(sorted(chosen), dtype=np.int64)
+    sub = remove[torch.from_numpy(pos)]
+    block: dict[str, Any] = {"positions": [int(i) for i in pos], "protocols": []}
+    actual = []
+    for rep in o["loo_replicates"]:
+        r_setting = {**s, **{REPLICATE_KEYS[key]: v for key, v in rep.items()}}
+        res = stages.loo(model, loss_fn, train, test, sub, r_setting, progress)
+        actual.append(res.loss_change.T.detach().cpu().numpy())
+        block["protocols"].append({"protocol": dict(rep), **loo_block(res)})
+    return block, actual
 
 
 def loo_block(loo) -> dict[str, Any]:

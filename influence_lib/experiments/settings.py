@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..influence import CURVATURES
 from ..models import ACTIVATIONS, MODELS
-from ..retrain import OPTIMIZERS
+from ..retrain import LR_SCHEDULES, OPTIMIZERS
 from ..solvers import METHODS
 from ..validation import check_choice, check_nonneg, check_positive, check_positive_int
 
@@ -91,7 +91,23 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     # form from the exact eigendecomposition (influence_lib.solvers.lissa_full_batch_limit), recorded as the
     # estimator "lissa-truncated" beside the mini-batch "lissa"; needs methods "exact" and "lissa" and a lissa scale
     "lissa_truncated": False,
+    # learning-rate schedule of theta*'s first-order training and of the warm-start LOO retraining
+    # (influence_lib.retrain.LR_SCHEDULES): "cosine" decays lr towards 0 over the steps, so that Adam settles
+    "lr_schedule": "constant",
+    "loo_lr_schedule": "constant",
+    # the leave-one-out noise ceiling: the same removals retrained again under other protocols, each a dict of
+    # overrides of the LOO protocol among REPLICATE_KEYS, e.g. {"warm_start": False, "seed": 1000, "steps": 10000,
+    # "lr": 0.01} (cold start from another initialisation) or {"steps": 6000} (warm start, twice as long); the
+    # agreement of the setting's LOO with each replicate bounds how high any estimate's agreement can be.
+    # "loo_replicate_k": the replicates retrain only the pooled top-k |predicted| removals of the highest- and
+    # median-loss test points (None: every removed point)
+    "loo_replicates": [],
+    "loo_replicate_k": None,
 }
+
+#: what a LOO replicate may change, with the setting key it overrides
+REPLICATE_KEYS = {"warm_start": "loo_warm_start", "seed": "seed", "steps": "loo_steps", "lr": "loo_lr",
+                  "lr_schedule": "loo_lr_schedule", "batch_size": "loo_batch_size"}
 
 LOSSES = {"cross_entropy": F.cross_entropy}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -192,6 +208,20 @@ def normalize_setting(setting: dict[str, Any]) -> dict[str, Any]:
         check_positive("pbrf_lr", o["pbrf_lr"])
     check_nonneg("pbrf_momentum", o["pbrf_momentum"])
     check_positive_int("pbrf_steps", o["pbrf_steps"])
+    for key in ("lr_schedule", "loo_lr_schedule"):
+        check_choice(key, o[key], LR_SCHEDULES)
+    if not isinstance(o["loo_replicates"], list) or any(
+            not isinstance(r, dict) or not r or set(r) - set(REPLICATE_KEYS) for r in o["loo_replicates"]):
+        raise ValueError(f"loo_replicates must be a list of non-empty dicts with keys among {sorted(REPLICATE_KEYS)}, "
+                         f"got {o['loo_replicates']!r}")
+    for r in o["loo_replicates"]:
+        check_common({REPLICATE_KEYS[k]: v for k, v in r.items() if REPLICATE_KEYS[k] != "loo_lr_schedule"})
+        if "warm_start" in r and not isinstance(r["warm_start"], bool):
+            raise ValueError(f"a replicate's warm_start must be True or False, got {r['warm_start']!r}")
+        if "lr_schedule" in r:
+            check_choice("lr_schedule", r["lr_schedule"], LR_SCHEDULES)
+    if o["loo_replicate_k"] is not None:
+        check_int("loo_replicate_k", o["loo_replicate_k"], 2)
     if isinstance(s["methods"], str):
         s["methods"] = [s["methods"]]
     if not isinstance(s["methods"], list) or not s["methods"]:

@@ -49,7 +49,8 @@ def fit(model: nn.Module, loss_fn, train: tuple[Tensor, Tensor], s: dict[str, An
         progress: bool = False) -> dict[str, Any]:
     """Train ``model`` in place to ``theta*`` with the training settings of the normalised setting ``s``."""
     return train_model(model, loss_fn, train, weight_decay=s["weight_decay"], optimizer=s["optimizer"], lr=s["lr"],
-                       steps=s["steps"], batch_size=s.get("batch_size"), seed=s["seed"], progress=progress)
+                       steps=s["steps"], batch_size=s.get("batch_size"), seed=s["seed"], progress=progress,
+                       lr_schedule=s.get("lr_schedule", "constant"))
 
 
 def accuracies(model: nn.Module, data) -> tuple[float, float]:
@@ -234,4 +235,5 @@ def loo(model: nn.Module, loss_fn, train, test, remove: Tensor, s: dict[str, Any
                            optimizer=s["loo_optimizer"], lr=s["loo_lr"], steps=s["loo_steps"],
                            batch_size=s["loo_batch_size"], warm_start=s["loo_warm_start"], seed=s["seed"],
                            reference=s["loo_reference"], normalization=s["loo_normalization"],
-                           chunk_size=s["loo_chunk_size"], progress=progress)
+                           chunk_size=s["loo_chunk_size"], progress=progress,
+                           lr_schedule=s.get("loo_lr_schedule", "constant"))
