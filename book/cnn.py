@@ -231,6 +231,11 @@ display(Markdown(claims.claim_box(
                 + (", one depth per family (no slope within a family can be fitted)"
                    if max(len(d) for d in per_family.values()) < 2 else "") + ".")))
 
+# %% tags=["hide-input"]
+ceiling_records = ex.chapter_records("cnn-ceiling", prof, jobs=jobs, scheduler=scheduler)[0]
+display(Markdown(claims.ceiling_box(claims.noise_ceiling(ceiling_records, rules.PAPER_TOPK), "cnn-ceiling",
+                                    rules.PAPER_TOPK)))
+
 # %% [markdown]
 # ## What it means
 #

@@ -56,7 +56,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from influence_lib import experiments as ex
-from influence_lib.experiments import report, stats
+from influence_lib.experiments import claims, report, rules, stats
 from influence_lib.experiments.report import fmt_ci, line_ci, slope_ci, verdict
 from influence_lib.metrics import mean_ci, pearson, spearman
 
@@ -514,6 +514,11 @@ for wd in WDS:
             f"depth {d}: ours {o:.2f}, reference {r:.2f}" for d, (o, r) in sorted(have.items()))
             + f" (mean |Spearman|, top {k} by train loss, highest-loss test point).")
 display(Markdown("\n".join(lines)))
+
+# %% tags=["hide-input"]
+ceiling_records = ex.chapter_records("iris-ceiling", prof, jobs=jobs, scheduler=scheduler)[0]
+display(Markdown(claims.ceiling_box(claims.noise_ceiling(ceiling_records, rules.PAPER_IRIS), "iris-ceiling",
+                                    rules.PAPER_IRIS)))
 
 # %% [markdown]
 # **Reading the verdicts.** A slope summarises a curve that need not be monotone (compare the figures), and an

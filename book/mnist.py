@@ -55,7 +55,7 @@ import seaborn as sns
 from IPython.display import Markdown, display
 
 from influence_lib import experiments as ex
-from influence_lib.experiments import presets, report
+from influence_lib.experiments import presets, report, rules
 
 ex.parameters(globals(), ['profile', 'seeds', 'overrides', 'jobs', 'scheduler', 'dataset'])  # refuses unknown parameters, parses what papermill passes as text
 
@@ -296,6 +296,9 @@ display(Markdown(claims.protocol_box(paper_protocol, ours, divergences)))
 for c in (claims.mnist_depth(ok, findings), claims.stochastic_estimation(ok, findings),
           claims.stochastic_depth(ok, findings)):
     display(Markdown(claims.claim_box(c)))
+ceiling_records = ex.chapter_records("mnist-ceiling", prof, jobs=jobs, scheduler=scheduler)[0]
+display(Markdown(claims.ceiling_box(claims.noise_ceiling(ceiling_records, rules.PAPER_TOPK), "mnist-ceiling",
+                                    rules.PAPER_TOPK)))
 
 # %% [markdown]
 # ## Predicted against actual, highest-loss test point

@@ -20,13 +20,15 @@
 # median-loss and all others as "random"), and *every* training point is removed and retrained
 # (warm-start LOO, Adam, reference retrained identically), so all test points share the same ground-truth
 # retrainings. Scores are $\frac1n g_z^\top (H+\lambda I)^{-1} g_i$ (predicted change of the test loss when
-# $i$ is removed), solved by CG. Each model is trained with several seeds (initialisation and LOO; the number is printed below), on the same
-# data split, so the same test points are examined under each seed: the spread of the correlations can be
+# $i$ is removed), solved by MINRES (`influence_lib.ihvp_minres`): some of these models have $\lambda_{\min}(H) <
+# -\lambda$, so $H + \lambda I$ is indefinite and conjugate gradients must refuse it, while MINRES solves the same
+# non-singular system. Each model is trained with several seeds (initialisation and LOO; the number is printed below),
+# on the same data split, so the same test points are examined under each seed: the spread of the correlations can be
 # split into a test-point part, a seed part and the rest (a two-way decomposition of the sums of squares).
 
 # %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable
-seeds = None  # None: the preset's seeds (two)
+seeds = None  # None: the preset's seeds (rules.SEEDS)
 overrides = {}  # e.g. {"n_train": 300, "n_test": 50, "n_random_test": 48}
 jobs = None  # worker processes for missing records (None: IL_JOBS or the number of CPU cores)
 scheduler = None  # address of a dask.distributed scheduler for missing records (None: IL_SCHEDULER, else local processes)

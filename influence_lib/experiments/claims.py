@@ -628,62 +628,102 @@ CEILING_LABELS = ("warm start, twice the steps", "cold start, another seed")
 CEILING_OF = {"iris": "iris-ceiling", "mnist": "mnist-ceiling", "cnn": "cnn-ceiling"}
 
 
-def noise_ceiling(records: Records, procedure: dict[str, Any]) -> list[dict[str, Any]]:
-    """How high could an estimate's agreement with LOO be? Per replicate protocol of the records (``loo_replicates``):
-    per healthy model, the Spearman correlation of the record's LOO with the replicate's LOO of the same removals,
-    on the points ``procedure`` selects (top-``k`` |predicted| of its test points), Fisher-z mean over the model's
-    test points; then the Fisher-z mean over models with a 95 % interval. Beside it, the agreement of the exact
-    influence with the record's LOO on the same points (``influence``), so the two can be read together.
-
-    Returns one dict per protocol: ``label``, ``protocol``, ``mean``, ``lo``, ``hi``, ``n`` (models) and
-    ``influence`` (``mean``, ``lo``, ``hi``, ``n``)."""
+def _ceiling_values(r: dict[str, Any], i: int, procedure: dict[str, Any]) -> tuple[float, float]:
+    """One model's ``(LOO vs replicate i, influence vs LOO)`` on the points of ``procedure`` (Fisher-z means over its
+    test points of ``procedure["roles"]``), from the stored vectors; NaN where undefined."""
     from . import procedures
 
+    pos = np.asarray(r["loo_replicates"]["positions"], dtype=int)
+    k = procedure.get("k")
+    k = r["setting"].get("k") if k == "setting" else k
+    rule, roles = procedure.get("rule", "all"), procedure.get("roles")
+    c_vals, i_vals = [], []
+    for tp in r["test_points"]:
+        if (roles is not None and tp.get("role") not in roles) or "replicates" not in tp:
+            continue
+        p = np.asarray(tp["predicted"], dtype=float)[pos]
+        a = np.asarray(tp["actual"], dtype=float)[pos]
+        b = np.asarray(tp["replicates"][i]["actual"], dtype=float)
+        idx = procedures.select(p, rule, None if rule == "all" else min(int(k), p.size))
+        if idx.size >= 3:
+            c_vals.append(procedures.agreement(a[idx], b[idx], "spearman"))
+            i_vals.append(procedures.agreement(p[idx], a[idx], "spearman"))
+    return stats.mean_correlation(c_vals)[0], stats.mean_correlation(i_vals)[0]
+
+
+def noise_ceiling(records: Records, procedure: dict[str, Any],
+                  by: Sequence[str] = ("model", "depth", "width", "weight_decay")) -> list[dict[str, Any]]:
+    """How high could an estimate's agreement with LOO be? Per setting (the keys ``by`` that vary) and replicate
+    protocol of the records (``loo_replicates``): per healthy model, the Spearman correlation of the record's LOO with
+    the replicate's LOO of the same removals on the points ``procedure`` selects (e.g. the top-``k`` |predicted| of
+    its test points; Fisher-z mean over the model's test points); then the Fisher-z mean over the setting's models
+    with a 95 % interval. Beside it, the agreement of the exact influence with the record's LOO on the same points
+    (``influence``), so the two can be read together.
+
+    Returns one dict per (setting, protocol): ``setting`` (the varying keys of ``by`` and their values), ``label``,
+    ``protocol``, ``mean``, ``lo``, ``hi``, ``n`` (models) and ``influence`` (``mean``, ``lo``, ``hi``, ``n``)."""
     healthy, _ = stats.split_healthy(_ok(records))
     healthy = [r for r in healthy if r.get("loo_replicates")]
     if not healthy:
         return []
+    varying = [k for k in by if len({str(r["setting"].get(k)) for r in healthy}) > 1]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in healthy:
+        groups.setdefault(tuple(r["setting"].get(k) for k in varying), []).append(r)
     n_rep = min(len(r["loo_replicates"]["protocols"]) for r in healthy)
-    roles = procedure.get("roles")
     out = []
-    for i in range(n_rep):
-        ceil_m, infl_m = [], []
-        for r in healthy:
-            pos = np.asarray(r["loo_replicates"]["positions"], dtype=int)
-            k = procedure.get("k")
-            k = r["setting"].get("k") if k == "setting" else k
-            c_vals, i_vals = [], []
-            for tp in r["test_points"]:
-                if roles is not None and tp.get("role") not in roles or "replicates" not in tp:
-                    continue
-                p = np.asarray(tp["predicted"], dtype=float)[pos]
-                a = np.asarray(tp["actual"], dtype=float)[pos]
-                b = np.asarray(tp["replicates"][i]["actual"], dtype=float)
-                idx = procedures.select(p, procedure.get("rule", "all"),
-                                        None if procedure.get("rule", "all") == "all" else min(int(k), p.size))
-                if idx.size < 3:
-                    continue
-                try:
-                    c_vals.append(procedures.agreement(a[idx], b[idx], "spearman"))
-                    i_vals.append(procedures.agreement(p[idx], a[idx], "spearman"))
-                except ValueError:  # a constant vector: undefined
-                    continue
-            ceil_m.append(stats.mean_correlation(c_vals)[0])
-            infl_m.append(stats.mean_correlation(i_vals)[0])
-        m, lo, hi, n = stats.mean_correlation_ci(ceil_m)
-        im, ilo, ihi, inn = stats.mean_correlation_ci(infl_m)
-        label = CEILING_LABELS[i] if i < len(CEILING_LABELS) else f"replicate {i + 1}"
-        out.append({"label": label, "protocol": healthy[0]["loo_replicates"]["protocols"][i]["protocol"],
-                    "mean": m, "lo": lo, "hi": hi, "n": n,
-                    "influence": {"mean": im, "lo": ilo, "hi": ihi, "n": inn}})
+    for key in sorted(groups, key=lambda t: tuple(str(x) for x in t)):
+        members = groups[key]
+        for i in range(n_rep):
+            vals = np.array([_ceiling_values(r, i, procedure) for r in members], dtype=float).reshape(-1, 2)
+            m, lo, hi, n = stats.mean_correlation_ci(vals[:, 0])
+            im, ilo, ihi, inn = stats.mean_correlation_ci(vals[:, 1])
+            out.append({"setting": dict(zip(varying, key, strict=True)),
+                        "label": CEILING_LABELS[i] if i < len(CEILING_LABELS) else f"replicate {i + 1}",
+                        "protocol": members[0]["loo_replicates"]["protocols"][i]["protocol"],
+                        "mean": m, "lo": lo, "hi": hi, "n": n,
+                        "influence": {"mean": im, "lo": ilo, "hi": ihi, "n": inn}})
     return out
 
 
-def ceiling_text(ceiling: Sequence[dict[str, Any]]) -> str:
-    """The ceiling in one phrase: ``"LOO vs LOO 0.98 [0.97, 0.99] (warm start, twice the steps), ..."``."""
+def ceiling_summary(ceiling: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per replicate protocol, the Fisher-z mean of the per-setting ceilings (one number per protocol)."""
+    out: dict[str, list[float]] = {}
+    for c in ceiling:
+        out.setdefault(c["label"], []).append(c["mean"])
+    return {label: stats.mean_correlation(v)[0] for label, v in out.items()}
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    names = {"weight_decay": "wd", "model": "", "depth": "depth", "width": "width"}
+    return ", ".join(f"{names.get(k, k)} {v:g}".strip() if isinstance(v, float) else f"{names.get(k, k)} {v}".strip()
+                     for k, v in setting.items()) or "all models"
+
+
+def ceiling_box(ceiling: Sequence[dict[str, Any]], sweep: str, procedure: dict[str, Any]) -> str:
+    """The LOO noise ceiling beside a chapter's verdicts, as a Markdown admonition: per setting and replicate
+    protocol, the agreement of LOO with the replicate, and of the exact influence with the same LOO (Fisher-z means
+    over the setting's models, 95 % intervals)."""
     if not ceiling:
-        return "not measured"
-    return "; ".join(f"{c['label']}: {fmt_ci(c['mean'], c['lo'], c['hi'])} ({c['n']} models)" for c in ceiling)
+        body = (f"No records of the ceiling sweep `{sweep}` (compute them with `python -m "
+                f"influence_lib.experiments.sweep {sweep} --book`).")
+    else:
+        lines = []
+        by_setting: dict[str, list[dict[str, Any]]] = {}
+        for c in ceiling:
+            by_setting.setdefault(setting_label(c["setting"]), []).append(c)
+        for label, cs in by_setting.items():
+            infl = cs[0]["influence"]
+            lines.append(f"- **{label}** ({cs[0]['n']} models): LOO vs "
+                         + "; vs ".join(f"{c['label']} {fmt_ci(c['mean'], c['lo'], c['hi'])}" for c in cs)
+                         + f"; influence vs LOO {fmt_ci(infl['mean'], infl['lo'], infl['hi'])}")
+        body = (f"Models of this chapter's settings (sweep `{sweep}`: the same $\\theta^*$ and influence scores), "
+                f"{_procedure_label(procedure)}; Spearman correlation of the chapter's LOO with each replicate of the "
+                "same removals, and of the exact influence with the chapter's LOO on the same points:\n\n"
+                + "\n".join(lines) + "\n\nNo estimate can agree with LOO much better than LOO agrees with itself; "
+                "where the cold-start ceiling is low, the retrained model depends on its initialisation more than on "
+                "the removed point.")
+    return f"```{{admonition}} The leave-one-out noise ceiling\n:class: seealso\n{body}\n```"
 
 
 # --- the table -------------------------------------------------------------------------------------------------
