@@ -79,8 +79,9 @@ display(Markdown(f"> **Model health.** {stats.exclusion_summary(excluded, len(ok
                  "same statistic on all models as a sensitivity value; the tables and figures show every model."))
 base = ok[0]["setting"]
 print(f"n_train={ok[0]['dataset']['n_train']}, top-k={base['k']}, damping={base['damping']}, "
-      f"training: Adam lr {base['lr']} x {base['steps']} full-batch steps; LOO: Adam lr {base['loo_lr']} x "
-      f"{base['loo_steps']} steps (warm start); LiSSA options {base['method_options'].get('lissa')}, "
+      f"training: Adam lr {base['lr']} x {base['steps']} full-batch steps ({base.get('lr_schedule', 'constant')} "
+      f"rate); LOO: Adam lr {base['loo_lr']} x {base['loo_steps']} steps (warm start, "
+      f"{base.get('loo_lr_schedule', 'constant')} rate); LiSSA options {base['method_options'].get('lissa')}, "
       f"Arnoldi {base['method_options'].get('arnoldi')}")
 
 # %% [markdown]

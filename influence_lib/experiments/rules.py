@@ -51,12 +51,14 @@ N_CLASSES: dict[str, int] = {"iris": 3, "mnist-small": 10, "mnist": 10, "fashion
 
 #: stationarity: the largest gradient norm of the training objective at theta* for which a model counts as
 #: trained to a stationary point, by model family. Rationale: removing one of n training points perturbs the
-#: objective's gradient by about |g_i| / n; for the CNN sweeps (n = 100, per-example gradient norms of order 1-10)
-#: that is 0.01-0.1, so a residual gradient above 0.1 is as large as the perturbation being measured, and the
-#: warm-started LOO retraining measures continued training rather than the removal. The MLP sweeps are not
-#: judged on this limit for records without a health block (their training reaches 1e-6 to 0.7; a recorded health
-#: block's own "stationary" check applies where the runner set a limit).
-GRAD_NORM_LIMIT: dict[str, float] = {"small_cnn": 0.1, "vgg": 0.1, "resnet": 0.1}
+#: objective's gradient by about |g_i| / n; for the book's sweeps (n = 100-300, per-example gradient norms of order
+#: 1-10) that is 0.01-0.1, so a residual gradient above 0.1 is as large as the perturbation being measured, and the
+#: warm-started LOO retraining measures continued training rather than the removal. The MLP limit was added on
+#: 2026-12-01, after the Iris, PBRF and LDS records existed (it excludes 3 of 222 otherwise healthy Iris models and
+#: 2 PBRF models, whose training stopped at gradient norms 0.1-0.7; the all-models sensitivity keeps them) and before
+#: the small-MNIST, test-point and CNN records were recomputed with theta* trained to a stationary point. The linear
+#: (convex) models are solved by Newton to 1e-10 and need no limit.
+GRAD_NORM_LIMIT: dict[str, float] = {"small_cnn": 0.1, "vgg": 0.1, "resnet": 0.1, "mlp": 0.1}
 
 
 @dataclass(frozen=True)
