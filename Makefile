@@ -10,7 +10,7 @@ export PYTHONHASHSEED := 0
 # leave every plt.show() in a chapter without an image)
 TEST_ENV := MPLBACKEND=Agg
 
-.PHONY: setup data mathjax lab test lint book book-quick book-recompute bench bench-probes bench-compare demo clean
+.PHONY: setup data mathjax lab test lint book book-quick book-recompute bench bench-probes bench-compare bench-gpu demo clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -107,6 +107,10 @@ bench-compare:
 	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements.txt -r benchmarks/requirements-bench.txt
 	PYTHONPATH=. $(BENCH_VENV)/bin/python benchmarks/compare.py
 	PYTHONPATH=. $(BENCH_VENV)/bin/python benchmarks/scale.py
+
+## bench-gpu: the scale benchmark on a CUDA device (benchmarks/results/scale_gpu.json; refuses without one)
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/scale.py --device cuda --threads 4
 
 demo: $(STAMP)
 	$(PY) -m influence_lib.experiments.demo

@@ -25,6 +25,12 @@ of test points (cg, lissa) run on those reference rows only; ``n_test`` says how
 
 The machine is whatever runs this (recorded under ``machine``); on a shared 2-core machine the timings are noisy.
 Writes ``benchmarks/results/scale.json`` atomically.
+
+**On a GPU** (``make bench-gpu``: ``--device cuda``, written to ``benchmarks/results/scale_gpu.json``): the same
+problem, every tensor and the model on the device, each timing between ``torch.cuda.synchronize()`` calls, the
+training epochs timed on the device too (so ``epochs`` stays a like-for-like ratio), and ``peak_gpu_mb``
+(``torch.cuda.max_memory_allocated`` during the call) beside the process's RSS. The float64 reference runs on the
+same device.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def lenet(seed: int = 0) -> nn.Sequential:
 
 def train_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, opt, gen: torch.Generator) -> None:
     """One epoch of Adam, batch 128, on mean cross-entropy + (WD/2)||theta||^2."""
-    perm = torch.randperm(X.shape[0], generator=gen)
+    perm = torch.randperm(X.shape[0], generator=gen).to(X.device)
     for start in range(0, X.shape[0], BATCH):
         idx = perm[start:start + BATCH]
         opt.zero_grad()
@@ -108,12 +114,18 @@ METHODS = {
     "lissa": ({"method": "lissa", "depth": 100, "batch_size": 256, "chunk_size": 500}, True),
     "arnoldi": ({"method": "arnoldi", "rank": 50, "iters": 70, "chunk_size": 500}, False),
 }
-SHOWN = ("status", "time_s", "cpu_s", "epochs", "epochs_cpu", "peak_rss_mb", "delta_rss_mb", "error")
+SHOWN = ("status", "time_s", "cpu_s", "epochs", "epochs_cpu", "peak_rss_mb", "delta_rss_mb", "peak_gpu_mb", "error")
 QUICK_METHODS = ("ekfac", "ekfac-sampled", "cg+ekfac", "arnoldi")
 
 
 def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously): timings end after the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def epoch_seconds(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
@@ -123,8 +135,10 @@ def epoch_seconds(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     train_epoch(m, X, y, opt, gen)  # warm-up
     times, cpu = [], []
     for _ in range(2):
+        sync(X.device)
         t0, c0 = time.perf_counter(), time.process_time()
         train_epoch(m, X, y, opt, gen)
+        sync(X.device)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return statistics.median(times), statistics.median(cpu)
@@ -140,11 +154,12 @@ def worker(job_path: str) -> None:
     dtype = getattr(torch, job["dtype"])
     model = lenet(0)
     model.load_state_dict(prob["state"])
-    model = model.to(dtype)
+    device = torch.device(job.get("device", "cpu"))
+    model = model.to(device=device, dtype=dtype)
     (X, y), (Xt, yt) = prob["train"], prob["test"]
-    X, Xt = X.to(dtype), Xt.to(dtype)
+    X, Xt, y, yt = X.to(device, dtype), Xt.to(device, dtype), y.to(device), yt.to(device)
     Xt, yt = Xt[:job["n_test"]], yt[:job["n_test"]]
-    out: dict = {"name": job["name"], "n_test": job["n_test"], "dtype": job["dtype"]}
+    out: dict = {"name": job["name"], "n_test": job["n_test"], "dtype": job["dtype"], "device": str(device)}
     kw = dict(job["kw"])
     if job.get("tol") is not None:
         kw["tol"] = job["tol"]
@@ -160,12 +175,18 @@ def worker(job_path: str) -> None:
             warm.update(rank=2, iters=4)
         il.influence(model, F.cross_entropy, (X[:8], y[:8]), (Xt[:2], yt[:2]), **{**base, "damping": 1.0}, **warm)
         rss0 = maxrss_mb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         calc_kw = {k: kw.pop(k) for k in ("chunk_size", "curvature") if k in kw}
         calc = il.InfluenceCalculator(model, F.cross_entropy, (X, y), **base, **calc_kw, **kw)
         S = calc.scores((Xt, yt))
+        sync(device)
         out["time_s"], out["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         out["peak_rss_mb"], out["delta_rss_mb"] = maxrss_mb(), maxrss_mb() - rss0
+        if device.type == "cuda":
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         info = calc.last_info
         out["info"] = {k: (v if not isinstance(v, list) or len(v) <= 8 else
                            {"min": min(v), "max": max(v), "mean": sum(v) / len(v)})
@@ -175,7 +196,7 @@ def worker(job_path: str) -> None:
             out["epochs"] = out["time_s"] / out["epoch_s"]  # wall clock / wall clock
             out["epochs_cpu"] = out["cpu_s"] / out["epoch_cpu_s"]  # CPU time / CPU time: robust to other load
         out["epoch_after_s"], out["epoch_after_cpu_s"] = epoch_seconds(model, X, y) if job["epochs"] else (None, None)
-        torch.save(S.double(), job["result"])
+        torch.save(S.double().cpu(), job["result"])
         out["status"] = "ok"
     except Exception as exc:  # reported, not hidden: the parent records the error
         out["status"] = "error"
@@ -221,13 +242,17 @@ def main(argv=None) -> int:
     ap.add_argument("--train-epochs", type=int, default=5, help="Adam epochs to train the model (default 5)")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per measurement")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model, data and every method run")
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)
         return 0
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
     n_train, n_test = (1000, 20) if args.quick else (4000, 100)
-    out_path = args.out or HERE / "results" / ("scale_quick.json" if args.quick else "scale.json")
+    suffix = "" if args.device == "cpu" else "_gpu"
+    out_path = args.out or HERE / "results" / (f"scale_quick{suffix}.json" if args.quick else f"scale{suffix}.json")
     methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -237,11 +262,13 @@ def main(argv=None) -> int:
     record = {"machine": machine_info(args.threads), "problem": prob["info"] | {
         "model": "LeNet: Conv2d(1,16,5)-ReLU-MaxPool2d(2)-Conv2d(16,32,5)-ReLU-MaxPool2d(2)-Linear(512,64)-ReLU-"
                  "Linear(64,10)", "weight_decay": WD, "damping": DAMPING, "curvature": "gauss-newton",
-        "dtype": "float32", "train": f"Adam lr={LR}, batch {BATCH}"}, "methods": {}}
+        "dtype": "float32", "train": f"Adam lr={LR}, batch {BATCH}", "device": args.device}, "methods": {}}
+    if args.device != "cpu":
+        record["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         torch.save(prob, tmp / "problem.pt")
-        common = {"problem": str(tmp / "problem.pt"), "threads": args.threads}
+        common = {"problem": str(tmp / "problem.pt"), "threads": args.threads, "device": args.device}
         ref_job = {**common, "name": "reference", "dtype": "float64", "n_test": args.ref_test, "epochs": False,
                    "kw": {"method": "cg", "preconditioner": "ekfac", "tol": 1e-8, "block": False,
                           "chunk_size": 500}}
