@@ -124,10 +124,7 @@ def rec_label(r):
 
 def clip_ci(row, m, digits=2):
     """'mean [lo, hi]' of a correlation over seeds, the Student-t interval clipped to [-1, 1]."""
-    mean, lo, hi = row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"]
-    if np.isfinite(lo):
-        lo, hi = max(lo, -1.0), min(hi, 1.0)
-    return report.fmt_ci(mean, lo, hi, digits)
+    return report.fmt_ci(row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"], digits, bounds=(-1.0, 1.0))
 
 
 # %% [markdown]
