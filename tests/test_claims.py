@@ -1,6 +1,7 @@
 """The claim table's statistics on synthetic records whose answer is known."""
 
 import numpy as np
+import pytest
 
 from influence_lib.experiments import claims, report, rules
 
@@ -259,6 +260,21 @@ def test_lissa_decomposition_splits_the_change_into_truncation_and_sampling():
     np.testing.assert_allclose(d.sampling, [0.45 - 0.5, 0.65 - 0.6, 0.2 - 0.7], atol=1e-12)
     np.testing.assert_allclose(d.truncation + d.sampling, d.total, atol=1e-12)
     assert (d.truncation_factor == 0.94).all() and (d.rel_err_full_batch == 0.8).all()
+
+
+def test_lissa_decomposition_total_is_the_lissa_claims_paired_difference():
+    """Both pair the test points: one where the exact correlation is undefined (a constant LOO vector) is left out
+    of the decomposition's three means as it is out of the claim's difference, so the total equals that difference."""
+    r = _record(1, 4, 0.001, 0, [0.9, 0.3], dataset="mnist-small")
+    r["test_points"][1]["all"]["spearman"] = None
+    for tp, (full, mini) in zip(r["test_points"], [(0.6, 0.5), (0.2, 0.1)], strict=True):
+        tp["estimators"] = {"lissa": {"vs_loo": {"spearman": mini}, "relative_error": 0.9},
+                            "lissa-truncated": {"vs_loo": {"spearman": full}, "relative_error": 0.8}}
+    r["methods"] = {"exact": {}, "lissa": {}, "lissa-truncated": {"truncation_factor": 0.9, "n_divergent": 0}}
+    d = claims.lissa_decomposition([r])
+    diff = claims._lissa_differences([r], "lissa")
+    assert d.total.iloc[0] == pytest.approx(diff["diff"].iloc[0]) == pytest.approx(0.5 - 0.9)
+    assert d.truncation.iloc[0] == pytest.approx(0.6 - 0.9)
 
 
 def test_claim_box_carries_the_verdict_and_its_basis():

@@ -302,50 +302,47 @@ def hessian_top_eigenvalue(records: Records, claim: str) -> Claim:
     return _judge(rl, "Hessian", claim, "hessian", ok, compute)
 
 
+def _paired_spearman(record: dict[str, Any], methods: Sequence[str]) -> tuple[list[float], float]:
+    """A model's Fisher-z mean Spearman with LOO of the exact scores and of each of ``methods``, over the test points
+    where every one of them is defined (paired), and the median relative error of ``methods[0]`` against the exact
+    scores: ``([exact, *methods], rel_err)``; NaN where no test point has them all."""
+    vals: list[list[float]] = [[] for _ in range(len(methods) + 1)]
+    errs = []
+    for tp in record["test_points"]:
+        ests = [(tp.get("estimators") or {}).get(m) for m in methods]
+        row = [tp["all"]["spearman"]] + [None if e is None else e.get("vs_loo", {}).get("spearman") for e in ests]
+        if any(v is None for v in row):
+            continue
+        for col, v in zip(vals, row, strict=True):
+            col.append(v)
+        errs.append(ests[0].get("relative_error", NAN))
+    if not vals[0]:
+        return [NAN] * (len(methods) + 1), NAN
+    return [stats.mean_correlation(v)[0] for v in vals], float(np.nanmedian(errs))
+
+
 def _lissa_differences(records: Records, method: str):
-    """Per model: Fisher-z mean Spearman with LOO of ``method`` minus that of the exact scores (same test points)."""
+    """Per model: Fisher-z mean Spearman with LOO of ``method`` minus that of the exact scores (paired test points,
+    :func:`_paired_spearman`)."""
     import pandas as pd
 
     rows = []
     for r in _ok(records):
-        est, exact, errs = [], [], []
-        for tp in r["test_points"]:
-            e = (tp.get("estimators") or {}).get(method)
-            if e is None or e.get("vs_loo", {}).get("spearman") is None or tp["all"]["spearman"] is None:
-                continue
-            est.append(e["vs_loo"]["spearman"])
-            exact.append(tp["all"]["spearman"])
-            errs.append(e.get("relative_error", NAN))
+        (exact, est), err = _paired_spearman(r, [method])
         s = r["setting"]
-        d = stats.mean_correlation(est)[0] - stats.mean_correlation(exact)[0] if est else NAN
         rows.append({"depth": s.get("depth"), "width": s.get("width"), "weight_decay": s.get("weight_decay"),
-                     "seed": s.get("seed"), "diff": d, "rel_err": float(np.nanmedian(errs)) if errs else NAN,
+                     "seed": s.get("seed"), "diff": est - exact, "rel_err": err,
                      "healthy": stats.health_of(r)["healthy"]})
     return pd.DataFrame(rows, columns=["depth", "width", "weight_decay", "seed", "diff", "rel_err", "healthy"])
-
-
-def _model_spearman_vs_loo(record: dict[str, Any], method: str | None) -> tuple[float, float]:
-    """A model's Fisher-z mean Spearman with LOO of ``method``'s scores (None: the exact / primary scores) over its
-    test points, and the median relative error of ``method`` against the primary scores (NaN for the primary)."""
-    vals, errs = [], []
-    for tp in record["test_points"]:
-        if method is None:
-            vals.append(tp["all"]["spearman"])
-            continue
-        e = (tp.get("estimators") or {}).get(method)
-        if e is None:
-            return NAN, NAN
-        vals.append(e["vs_loo"]["spearman"])
-        errs.append(e.get("relative_error", NAN))
-    return stats.mean_correlation(vals)[0], float(np.nanmedian(errs)) if errs else NAN
 
 
 def lissa_decomposition(records: Records, method: str = "lissa", truncated: str = "lissa-truncated"):
     """Per model, LiSSA's change of the Spearman correlation with LOO split into its two sources: ``truncation``
     (full-batch LiSSA at the same scale and depth, in closed form, minus exact), ``sampling`` (mini-batch minus
     full-batch) and their sum ``total`` (mini-batch minus exact), each a difference of Fisher-z mean Spearmans over
-    the model's test points; with the relative errors of both against the exact scores and the truncation factor
-    ``(1 - mu_min / scale)^(depth + 1)``. Models without both estimators are left out."""
+    the model's test points where all three are defined (paired, like the "lissa" claim); with the relative errors of
+    both against the exact scores and the truncation factor ``(1 - mu_min / scale)^(depth + 1)``. Models without
+    both estimators are left out."""
     import pandas as pd
 
     rows = []
@@ -353,9 +350,9 @@ def lissa_decomposition(records: Records, method: str = "lissa", truncated: str 
         if truncated not in r.get("methods", {}) or "error" in r["methods"].get(truncated, {}) \
                 or "error" in r["methods"].get(method, {"error": "missing"}):
             continue
-        exact, _ = _model_spearman_vs_loo(r, None)
-        mini, err_mini = _model_spearman_vs_loo(r, method)
-        full, err_full = _model_spearman_vs_loo(r, truncated)
+        # the same (paired) test points for all three, as in the "lissa" claim (_lissa_differences)
+        (exact, mini, full), err_mini = _paired_spearman(r, [method, truncated])
+        _, err_full = _paired_spearman(r, [truncated, method])
         s, info = r["setting"], r["methods"][truncated]
         rows.append({"depth": s.get("depth"), "width": s.get("width"), "weight_decay": s.get("weight_decay"),
                      "seed": s.get("seed"), "healthy": stats.health_of(r)["healthy"],

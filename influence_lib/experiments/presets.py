@@ -103,7 +103,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "test-points": {
         "dataset": "mnist-small", "n_train": 150, "n_test": 30, "model": "mlp", "width": 8, "dtype": "float64",
         "weight_decay": 0.001, "optimizer": "adam", "lr": 0.01, "steps": 2000, "lr_schedule": "cosine",
-        "loo_lr_schedule": "cosine", "methods": ["minres"], "damping": 0.01, "method_options": {"minres": {"max_iter": 2000}},
+        "loo_lr_schedule": "cosine", "methods": ["minres"], "damping": 0.01,
+        "method_options": {"minres": {"max_iter": 2000}},
         "remove": "all", "k": 25, "n_random_test": 28,
         "loo_optimizer": "adam", "loo_lr": 0.001, "loo_steps": 150,
     },
