@@ -168,10 +168,11 @@ for ax in axes[len(families) + 1:]:
 for ax, fam in zip(axes, families, strict=False):
     g = per_model[per_model.model == fam].copy()
     g["weight decay"] = g.weight_decay.map(lambda v: f"{v:g}")
-    sns.stripplot(data=g, x="depth", y="spearman_top", hue="weight decay", dodge=True, size=6, alpha=0.6, ax=ax,
+    several = g["weight decay"].nunique() > 1  # seaborn cannot dodge a single hue level
+    sns.stripplot(data=g, x="depth", y="spearman_top", hue="weight decay", dodge=several, size=6, alpha=0.6, ax=ax,
                   legend=False, palette="deep")
-    sns.pointplot(data=g, x="depth", y="spearman_top", hue="weight decay", dodge=0.4, errorbar=None,
-                  markers="D", palette="deep", ax=ax)
+    sns.pointplot(data=g, x="depth", y="spearman_top", hue="weight decay", dodge=0.4 if several else False,
+                  errorbar=None, markers="D", palette="deep", ax=ax)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axhspan(ref["low"], ref["high"], color="orange", alpha=0.12, label="replication |Spearman|")
     ax.set(ylim=(-1.05, 1.05), title=f"{fam}: one dot per model, diamonds: mean", xlabel="depth step",
