@@ -15,7 +15,7 @@
 # last layer, depending on $k$, with a *signed* mean of about zero — i.e. the sign of the agreement is not
 # even stable.
 #
-# **Method.** Three architecture families, each at three depths (convolutional layers of the small CNN, stages of
+# **Method.** Three architecture families, each at several depths (convolutional layers of the small CNN, stages of
 # the VGG-style network, residual blocks of the ResNet-style one), with and without weight decay, several seeds.
 # Each network is trained to $\theta^*$ and the score of training point $i$ for a test point is
 # $\frac1n g_z^\top (H + \lambda I)^{-1} g_i$ over the **last linear layer** (gradients and exact Hessian restricted
@@ -37,8 +37,8 @@
 # Nothing is substituted silently: with `fallback=None` a missing CIFAR-10 is an error.
 #
 # **Compute.** Convolutions are the bottleneck on a 2-core CPU: each LOO model is a full retraining of the
-# convolutional network. The defaults therefore use 100 training images and narrow networks (4 channels); width,
-# training set and training lengths are parameters.
+# convolutional network. The defaults therefore use few training images and narrow networks (the numbers are in the
+# settings below); width, training set and training lengths are parameters.
 
 # %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable
@@ -68,6 +68,8 @@ from myst_nb import glue  # noqa: E402
 
 glue("cnn_n_seeds", len({r["setting"]["seed"] for r in ok}), display=False)
 glue("cnn_n_points", max((len(r["test_points"]) for r in ok), default=0), display=False)
+glue("cnn_n_train", ok[0]["dataset"]["n_train"] if ok else 0, display=False)
+glue("cnn_width", ok[0]["setting"]["width"] if ok else 0, display=False)
 display(Markdown("> **Which data produced these numbers.** " + report.provenance(records)))
 subs = {r["dataset"]["name"] for r in ok if r["dataset"]["substitute"]}
 if subs:
@@ -254,6 +256,7 @@ display(Markdown(claims.ceiling_box(claims.noise_ceiling(ceiling_records, rules.
 # * Last-layer influence ignores how removing a point changes the features, while the ground truth retrains the
 #   whole network, so the two answer different questions (see {cite}`bae2022` on which question influence
 #   functions answer).
-# * Differences from the paper: Fashion-MNIST instead of CIFAR-10 offline (named above), 100 training images,
-#   4-channel networks instead of full VGG and ResNet models, exact (not LiSSA) last-layer Hessians. These are all
+# * Differences from the paper: Fashion-MNIST instead of CIFAR-10 offline (named above),
+#   {glue:text}`cnn_n_train` training images, {glue:text}`cnn_width`-channel networks instead of full VGG and ResNet
+#   models, exact (not LiSSA) last-layer Hessians. These are all
 #   parameters of this page; the question — does agreement with LOO survive depth — is the same.
