@@ -133,15 +133,24 @@ class HessianOperator(LinearOperator):
 
 
 class GaussNewtonOperator(LinearOperator):
-    """Generalised Gauss-Newton matrix ``G`` of ``J`` at ``theta`` (weight decay included)."""
+    """Generalised Gauss-Newton matrix ``G`` of ``J`` at ``theta`` (weight decay included); ``rows``: the data term
+    averaged over those training rows only (:meth:`on_rows`, the mini-batches of stochastic solvers such as LiSSA)."""
 
-    def __init__(self, objective: Objective, theta: Tensor | None = None):
+    def __init__(self, objective: Objective, theta: Tensor | None = None, rows: Tensor | None = None):
         self.objective = objective
         self.theta = objective.theta() if theta is None else theta
+        self.rows = rows
         self.size, self.dtype, self.device = objective.p, self.theta.dtype, self.theta.device
 
     def matmat(self, V: Tensor) -> Tensor:
-        return self.objective.gnvp(self.theta, V)
+        return self.objective.gnvp(self.theta, V, self.rows)
+
+    def on_rows(self, rows: Tensor) -> GaussNewtonOperator:
+        return GaussNewtonOperator(self.objective, self.theta, rows)
+
+    @property
+    def n_rows(self) -> int:
+        return self.objective.n
 
 
 def hessian(

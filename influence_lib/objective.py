@@ -291,8 +291,9 @@ class Objective:
 
         return apply
 
-    def gnvp(self, theta: Tensor, V: Tensor) -> Tensor:
-        """Generalised Gauss-Newton products ``G V`` with ``G = (1/n) sum_i J_i^T H_out,i J_i + wd I``.
+    def gnvp(self, theta: Tensor, V: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Generalised Gauss-Newton products ``G V`` with ``G = (1/n) sum_i J_i^T H_out,i J_i + wd I``
+        (``rows``: the same average over those training rows only, a stochastic estimate of ``G``).
 
         ``J_i`` is the Jacobian of the outputs w.r.t. ``theta`` and ``H_out,i`` the Hessian of the loss
         in output space. ``G`` is positive semi-definite for convex losses (cross-entropy, MSE).
@@ -302,13 +303,14 @@ class Objective:
         """
         single = V.dim() == 1
         Vm = V.unsqueeze(1) if single else V
+        X, y = (self.X, self.y) if rows is None else (self.X[rows], self.y[rows])
+        n = y.shape[0]
         out = self.weight_decay * Vm
-        for sl in self.chunks():
-            out = out + self._gnvp_chunk(theta, sl, Vm)
+        for sl in self.chunks(n):
+            out = out + self._gnvp_chunk(theta, X[sl], y[sl], (sl.stop - sl.start) / n, Vm)
         return out.squeeze(1) if single else out
 
-    def _gnvp_chunk(self, theta: Tensor, sl: slice, Vm: Tensor) -> Tensor:
-        Xc, yc, scale = self.X[sl], self.y[sl], (sl.stop - sl.start) / self.n
+    def _gnvp_chunk(self, theta: Tensor, Xc: Tensor, yc: Tensor, scale: float, Vm: Tensor) -> Tensor:
 
         def outputs_of(t: Tensor) -> Tensor:
             return self.forward(t, Xc)

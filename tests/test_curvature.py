@@ -124,3 +124,28 @@ def test_parameter_subset_is_a_block_of_the_full_hessian():
     H_last = il.hessian(model, F.cross_entropy, (X, y), weight_decay=0.01, params=["2.weight", "2.bias"])
     k = H_last.shape[0]
     torch.testing.assert_close(H_last, H[-k:, -k:], rtol=1e-12, atol=1e-13)
+
+
+def test_gauss_newton_on_rows_is_the_gauss_newton_of_those_rows_and_lissa_uses_it():
+    """GaussNewtonOperator.on_rows(idx): the GGN of the objective on the rows idx alone (weight decay once), so
+    mini-batch LiSSA can run on the Gauss-Newton matrix; equal-size mini-batches average to the full G."""
+    X, y = make_classification(n=24, seed=5)
+    model = make_mlp(seed=5)
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.05)
+    G = il.GaussNewtonOperator(obj)
+    V = torch.randn(obj.p, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    idx = torch.tensor([1, 4, 7, 10, 15, 20])
+    sub = il.GaussNewtonOperator(Objective(model, F.cross_entropy, X[idx], y[idx], weight_decay=0.05))
+    torch.testing.assert_close(G.on_rows(idx).matmat(V), sub.matmat(V), rtol=1e-12, atol=1e-12)
+    parts = torch.arange(24).reshape(4, 6)
+    mean = sum(G.on_rows(p).matmat(V) for p in parts) / 4
+    torch.testing.assert_close(mean, G.matmat(V), rtol=1e-10, atol=1e-12)
+    assert G.n_rows == 24
+    # mini-batch LiSSA on G: an unbiased-in-expectation estimate of the full-batch recursion of the same depth
+    scale = float(torch.linalg.eigvalsh(G.dense())[-1]) + 1.0
+    X_full, _ = il.ihvp_lissa(G, V, 0.5, scale=scale, depth=150)
+    X_mini, _ = il.ihvp_lissa(G, V, 0.5, scale=scale, depth=150, batch_size=12, repeats=2)
+    exact = torch.linalg.solve(G.dense() + 0.5 * torch.eye(obj.p, dtype=V.dtype), V)
+    # the full-batch series contracts by (1 - mu_min / scale) <= 1 - 0.55 / scale per step: 150 steps leave < 1e-14
+    assert float((X_full - exact).norm() / exact.norm()) < 1e-10
+    assert float((X_mini - X_full).norm() / X_full.norm()) < 0.1  # measured 0.0035 with these batches
