@@ -129,13 +129,16 @@ display(Markdown(f"Profile `{prof}`: records under `{root.relative_to(ex.book_ro
 # %% [markdown]
 # ## How high could the agreement be? The leave-one-out noise ceiling
 #
-# A correlation with leave-one-out retraining can only be as high as leave-one-out agrees with itself. On models of
+# A correlation with leave-one-out retraining is only as meaningful as leave-one-out is reproducible. On models of
 # the Iris, small-MNIST and CNN sweeps (the same settings, hence the same $\theta^*$ and the same influence scores),
 # the removals the claims are validated on were retrained twice more: warm-started for twice as many steps (does the
 # ground truth move when it trains longer?) and cold-started from another initialisation for the full training
 # length (the leave-one-out under another seed). The table gives the Spearman correlation of the chapter's LOO with
 # each replicate on the points of the claim's own procedure, next to that of the exact influence with the same LOO;
-# the column "LOO vs LOO" in the table above gives the two ceilings (Fisher-z mean over the sweep's settings).
+# the column "LOO vs LOO" in the table above gives the two ceilings (Fisher-z mean over the sweep's settings). Where
+# the influence estimate agrees with the warm-start LOO better than a cold-started LOO does, what the verdicts measure
+# is the response of the trained model near $\theta^*$ (the quantity influence functions linearise, see the PBRF
+# chapter), not a property of retraining from scratch.
 
 # %% tags=["hide-input"]
 import pandas as pd  # noqa: E402

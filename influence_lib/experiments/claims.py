@@ -717,9 +717,12 @@ def ceiling_box(ceiling: Sequence[dict[str, Any]], sweep: str, procedure: dict[s
         body = (f"Models of this chapter's settings (sweep `{sweep}`: the same $\\theta^*$ and influence scores), "
                 f"{_procedure_label(procedure)}; Spearman correlation of the chapter's LOO with each replicate of the "
                 "same removals, and of the exact influence with the chapter's LOO on the same points:\n\n"
-                + "\n".join(lines) + "\n\nNo estimate can agree with LOO much better than LOO agrees with itself; "
-                "where the cold-start ceiling is low, the retrained model depends on its initialisation more than on "
-                "the removed point.")
+                + "\n".join(lines) + "\n\nThe warm-start replicate says how settled the ground truth is: no "
+                "estimate can be expected to agree with the LOO better than the LOO agrees with its longer-trained "
+                "self. The cold-start replicate says how much of the LOO change belongs to the basin of "
+                "$\\theta^*$: where it is low, retraining from another initialisation gives another answer, so an "
+                "estimate that matches the warm-start LOO (as influence functions, a linearisation at $\\theta^*$, "
+                "are built to) says little about the removal's effect on a model trained afresh.")
     return f"```{{admonition}} The leave-one-out noise ceiling\n:class: seealso\n{body}\n```"
 
 
