@@ -262,7 +262,6 @@ INCOMPLETE: dict[str, str] = {
     "cnn": "the stationary-point protocol (3 families x 3 depths x 2 weight decays x 5 seeds) is being computed",
     "mnist-ceiling": "new sweep (LOO noise ceiling), being computed",
     "cnn-ceiling": "new sweep (LOO noise ceiling), being computed",
-    "mnist": "recomputed with theta* trained to a stationary point (cosine-decayed learning rate)",
 }
 
 #: the runner of each sweep whose settings carry no "runner" key (default: "influence")
