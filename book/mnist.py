@@ -330,9 +330,10 @@ plt.show()
 # * The estimator comparison is the part this chapter adds to the paper's design. CG on the damped exact
 #   Hessian reproduces the exact scores to its tolerance wherever the damped Hessian is positive definite,
 #   so its correlation with LOO equals the exact one: a deterministic solver adds no error of its own.
-#   Mini-batch LiSSA and low-rank Arnoldi do add error, and where they are far from the exact scores their
-#   agreement with LOO changes accordingly — the paper's "LiSSA adds error" is an estimator effect that can
-#   be measured separately from the influence-function (linearisation, non-convexity) effect. Result 3 splits
+#   Mini-batch LiSSA and low-rank Arnoldi are far from the exact scores (the relative errors above); whether that
+#   moves their agreement with LOO is what the verdict "stochastic estimation" tests — the paper's "LiSSA adds
+#   error" is an estimator effect that can be measured separately from the influence-function (linearisation,
+#   non-convexity) effect. Result 3 splits
 #   LiSSA's part further into truncation (a property of the depth, scale and damping chosen) and sampling (the
 #   stochastic products the paper's claim is about).
 # * Where the damped Hessian is not positive definite (negative eigenvalues larger than the damping: see

@@ -675,7 +675,9 @@ def noise_ceiling(records: Records, procedure: dict[str, Any],
             vals = np.array([_ceiling_values(r, i, procedure) for r in members], dtype=float).reshape(-1, 2)
             m, lo, hi, n = stats.mean_correlation_ci(vals[:, 0])
             im, ilo, ihi, inn = stats.mean_correlation_ci(vals[:, 1])
+            k = procedure.get("k")
             out.append({"setting": dict(zip(varying, key, strict=True)),
+                        "k": members[0]["setting"].get("k") if k == "setting" else k,
                         "label": CEILING_LABELS[i] if i < len(CEILING_LABELS) else f"replicate {i + 1}",
                         "protocol": members[0]["loo_replicates"]["protocols"][i]["protocol"],
                         "mean": m, "lo": lo, "hi": hi, "n": n,
@@ -715,7 +717,8 @@ def ceiling_box(ceiling: Sequence[dict[str, Any]], sweep: str, procedure: dict[s
                          + "; vs ".join(f"{c['label']} {fmt_ci(c['mean'], c['lo'], c['hi'])}" for c in cs)
                          + f"; influence vs LOO {fmt_ci(infl['mean'], infl['lo'], infl['hi'])}")
         body = (f"Models of this chapter's settings (sweep `{sweep}`: the same $\\theta^*$ and influence scores), "
-                f"{_procedure_label(procedure)}; Spearman correlation of the chapter's LOO with each replicate of the "
+                f"{_procedure_label({**procedure, 'k': ceiling[0].get('k', procedure.get('k'))})}; "
+                "Spearman correlation of the chapter's LOO with each replicate of the "
                 "same removals, and of the exact influence with the chapter's LOO on the same points:\n\n"
                 + "\n".join(lines) + "\n\nThe warm-start replicate says how settled the ground truth is: no "
                 "estimate can be expected to agree with the LOO better than the LOO agrees with its longer-trained "
