@@ -141,22 +141,10 @@ def ihvp_cg(
     ``A``, including the residual checks), ``block`` and ``max_directions`` (the widest search block used in
     one step; at most ``rank(V)`` for block CG, because dependent directions are deflated).
     """
-    check_nonneg("damping", damping)
-    _check_size(A, V)
-    Vb, single = _as_block(V)
-    tol = default_cg_tol(Vb.dtype) if tol is None else tol
-    check_positive("tol", tol)
+    Vb, single, tol, max_iter, apply, counter = _krylov_setup(A, V, damping, tol, max_iter)
     p, k = Vb.shape
-    max_iter = 10 * p if max_iter is None else max_iter
-    check_positive_int("max_iter", max_iter)
     if x0 is not None and x0.numel() != p * k:
         raise ValueError(f"x0 must have the shape of V ({tuple(V.shape)}), got {tuple(x0.shape)}")
-    counter = [0]
-
-    def apply(Z: Tensor) -> Tensor:
-        counter[0] += Z.shape[1]
-        return A.matmat(Z) + damping * Z
-
     vnorm = Vb.norm(dim=0)
     X = torch.zeros_like(Vb) if x0 is None else x0.reshape(p, k).clone()
     R = Vb - apply(X) if x0 is not None else Vb.clone()
@@ -166,6 +154,25 @@ def ihvp_cg(
     info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block,
             "max_directions": max_directions}
     return (X.squeeze(1) if single else X), info
+
+
+def _krylov_setup(A: LinearOperator, V: Tensor, damping: float, tol: float | None, max_iter: int | None):
+    """The checks and the product of the Krylov solvers (CG, MINRES): ``(Vb [p, k], single, tol, max_iter, apply,
+    counter)`` with ``apply(Z) = (A + damping I) Z`` counting the columns it multiplies in ``counter[0]``."""
+    check_nonneg("damping", damping)
+    _check_size(A, V)
+    Vb, single = _as_block(V)
+    tol = default_cg_tol(Vb.dtype) if tol is None else tol
+    check_positive("tol", tol)
+    max_iter = 10 * Vb.shape[0] if max_iter is None else max_iter
+    check_positive_int("max_iter", max_iter)
+    counter = [0]
+
+    def apply(Z: Tensor) -> Tensor:
+        counter[0] += Z.shape[1]
+        return A.matmat(Z) + damping * Z
+
+    return Vb, single, tol, max_iter, apply, counter
 
 
 def default_cg_tol(dtype: torch.dtype) -> float:
@@ -342,20 +349,8 @@ def ihvp_minres(
     singular system does. ``info``: ``iterations`` and ``residual`` (final relative true residual) per column,
     ``products`` (columns multiplied by ``A``, including the residual checks) and ``restarts``.
     """
-    check_nonneg("damping", damping)
-    _check_size(A, V)
-    Vb, single = _as_block(V)
-    tol = default_cg_tol(Vb.dtype) if tol is None else tol
-    check_positive("tol", tol)
-    p, k = Vb.shape
-    max_iter = 10 * p if max_iter is None else max_iter
-    check_positive_int("max_iter", max_iter)
-    counter = [0]
-
-    def apply(Z: Tensor) -> Tensor:
-        counter[0] += Z.shape[1]
-        return A.matmat(Z) + damping * Z
-
+    Vb, single, tol, max_iter, apply, counter = _krylov_setup(A, V, damping, tol, max_iter)
+    k = Vb.shape[1]
     vnorm = Vb.norm(dim=0)
     X = torch.zeros_like(Vb)
     R = Vb.clone()
