@@ -144,6 +144,17 @@ display(Markdown(claims.claim_box(
                 "the paper does not define.")))
 
 # %% [markdown]
+# A noisy ground truth would also spread the correlations across test points. The ceiling below measures how
+# reproducible the leave-one-out changes of the highest- and median-loss test points are on models of this sweep.
+
+# %% tags=["hide-input"]
+from influence_lib.experiments import rules  # noqa: E402
+
+ceiling_records = ex.chapter_records("test-points-ceiling", prof, jobs=jobs, scheduler=scheduler)[0]
+display(Markdown(claims.ceiling_box(claims.noise_ceiling(ceiling_records, rules.PAPER_TOPK), "test-points-ceiling",
+                                    rules.PAPER_TOPK)))
+
+# %% [markdown]
 # ## What it means
 #
 # * The spread of the correlation across test points of *one* model (the violins, the sd column) is large

@@ -622,7 +622,8 @@ def validation_procedure(records: Records, claim: str, k: int = 25) -> Claim:
 #: the replicate protocols of the ceiling sweeps (presets._ceiling), in their order
 CEILING_LABELS = ("warm start, twice the steps", "cold start, another seed")
 #: which ceiling sweep stands beside the claims of which sweep
-CEILING_OF = {"iris": "iris-ceiling", "mnist": "mnist-ceiling", "cnn": "cnn-ceiling"}
+CEILING_OF = {"iris": "iris-ceiling", "mnist": "mnist-ceiling", "cnn": "cnn-ceiling",
+              "test_points": "test-points-ceiling"}
 
 
 def _ceiling_values(r: dict[str, Any], i: int, procedure: dict[str, Any]) -> tuple[float, float]:

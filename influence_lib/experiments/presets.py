@@ -143,12 +143,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 _CEILING_COLD_SEED = 1000
 
 
-def _ceiling(base: str, k: int, replicate_k: int | None = None) -> dict[str, Any]:
+def _ceiling(base: str, k: int, replicate_k: int | None = None, primary_only: bool = False) -> dict[str, Any]:
+    """The ceiling preset of sweep ``base``: its setting, the exact method (``primary_only``: the base's first method
+    and its options, where the exact Hessian is too large), the pooled top-``k`` removals, two replicates."""
     b = PRESETS[base]
     cold = {"warm_start": False, "seed": _CEILING_COLD_SEED, "steps": b["steps"], "lr": b["lr"]}
     if b.get("lr_schedule", "constant") != "constant":
         cold["lr_schedule"] = b["lr_schedule"]
-    return {**b, "methods": ["exact"], "method_options": {}, "lissa_truncated": False, "remove": "top", "k": k,
+    methods = {"methods": b["methods"][:1], "method_options": b.get("method_options", {})} if primary_only else \
+        {"methods": ["exact"], "method_options": {}}
+    return {**b, **methods, "lissa_truncated": False, "remove": "top", "k": k,
             "n_random_test": 0, "loo_replicates": [{"steps": 2 * b["loo_steps"]}, cold],
             "loo_replicate_k": replicate_k}
 
@@ -156,6 +160,7 @@ def _ceiling(base: str, k: int, replicate_k: int | None = None) -> dict[str, Any
 PRESETS["iris-ceiling"] = _ceiling("iris", 25)
 PRESETS["mnist-ceiling"] = _ceiling("mnist", 15)
 PRESETS["cnn-ceiling"] = _ceiling("cnn", 8, replicate_k=4)
+PRESETS["test-points-ceiling"] = _ceiling("test-points", 25, primary_only=True)
 
 #: the small-MNIST model of the "mnist" sweep (depth 1, width 4, wd 0.001) inside the "lds" sweep
 _LDS_MNIST = {"dataset": ["mnist-small"], "n_train": [300], "n_test": [100], "width": [4], "depth": [1],
@@ -240,6 +245,12 @@ GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
                                 "loo_steps": [20], "k": [5],
                                 "loo_replicates": [[{"steps": 40}, {"warm_start": False, "seed": 1000, "steps": 50,
                                                                     "lr": 0.01, "lr_schedule": "cosine"}]]}], [0])},
+    "test-points-ceiling": {"default": ([{"depth": [1, 3]}], list(range(SEEDS["ceiling"]))),
+                            "quick": ([{"depth": [1], "n_train": [50], "n_test": [20], "steps": [200],
+                                        "loo_steps": [40], "k": [10],
+                                        "loo_replicates": [[{"steps": 80}, {"warm_start": False, "seed": 1000,
+                                                                            "steps": 200, "lr": 0.01,
+                                                                            "lr_schedule": "cosine"}]]}], [0])},
     "pbrf": {"default": ([{"depth": [1, 2, 4, 8], "weight_decay": [0.0, 0.005]}], list(range(SEEDS["pbrf"]))),
              "quick": ([{"depth": [1, 2], "weight_decay": [0.0, 0.005], "steps": [300], "loo_steps": [100],
                          "pbrf_steps": [100], "n_random_test": [1]}], [0])},
@@ -262,6 +273,7 @@ INCOMPLETE: dict[str, str] = {
     "cnn": "the stationary-point protocol (3 families x 3 depths x 2 weight decays x 5 seeds) is being computed",
     "mnist-ceiling": "new sweep (LOO noise ceiling), being computed",
     "cnn-ceiling": "new sweep (LOO noise ceiling), being computed",
+    "test-points-ceiling": "new sweep (LOO noise ceiling), being computed",
 }
 
 #: the runner of each sweep whose settings carry no "runner" key (default: "influence")
