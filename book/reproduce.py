@@ -46,7 +46,8 @@ CHAPTERS = {"convex-iris": "convex", "convex-mnist": "convex", "iris": "iris, he
             "iris-replication": "iris",
             "mnist": "mnist",
             "cnn": "cnn", "test-points": "test_points", "ground-truth": "ground_truth", "pbrf": "pbrf",
-            "lds": "lds", "iris-ceiling": "intro, iris", "mnist-ceiling": "intro, mnist", "cnn-ceiling": "intro, cnn"}
+            "lds": "lds", "iris-ceiling": "intro, iris", "mnist-ceiling": "intro, mnist", "cnn-ceiling": "intro, cnn",
+            "test-points-ceiling": "intro, test_points"}
 rows = []
 for name, chapter in CHAPTERS.items():
     recs = [r for r in ex.chapter_records(name, prof)[0] if "error" not in r]
