@@ -115,7 +115,10 @@ def test_health_of_detects_a_collapsed_model_and_passes_a_healthy_one():
     assert not h["healthy"] and not h["derived"] and stats.reason_key(h["reasons"][0]) == "dead hidden layer"
     ok_block = {"healthy": True, "reasons": [], "stationary": None, "grad_norm": 3.0}
     assert not stats.health_of(_record(0.99, [[0.0, 1.0]], "fashion-mnist", "resnet", health=ok_block))["healthy"]
-    assert stats.health_of(_record(0.99, [[0.0, 1.0]], health=ok_block))["healthy"]  # MLPs: no limit
+    assert not stats.health_of(_record(0.99, [[0.0, 1.0]], health=ok_block))["healthy"]  # the MLP limit too
+    settled = {**ok_block, "grad_norm": rules.GRAD_NORM_LIMIT["mlp"] / 2}
+    assert stats.health_of(_record(0.99, [[0.0, 1.0]], health=settled))["healthy"]
+    assert stats.health_of(_record(0.99, [[0.0, 1.0]], "iris", "linear", health=ok_block))["healthy"]  # no limit
 
 
 def test_split_healthy_counts_exclusions_by_reason():
