@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
            "target_wall_minutes_on_2_cores": TARGET_WALL_MINUTES_2_CORES,
            "note": "recorded timings of the committed records (single-threaded; machine load at the time not "
                    "controlled): upper bounds"}
+    dest = HERE / "results" / "record_profile.json"
     if args.quiet_sample:
         out["quiet_sample"] = quiet_sample()
-    dest = HERE / "results" / "record_profile.json"
+    elif dest.exists() and "quiet_sample" in (old := json.loads(dest.read_text())):
+        # the quiet sample is not recomputed by a plain run: the last one is kept, marked as such
+        out["quiet_sample"] = {**old["quiet_sample"], "carried_over": True}
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(out, f, indent=1)
