@@ -270,7 +270,6 @@ GRIDS: dict[str, dict[str, tuple[list[dict[str, Any]], list[int]]]] = {
 #: book grids whose committed records are knowingly incomplete (a recompute under way), with what is missing; the
 #: chapter computes the missing records when it is built (tests/test_sweep.py keeps this list honest both ways)
 INCOMPLETE: dict[str, str] = {
-    "cnn": "the stationary-point protocol (3 families x 3 depths x 2 weight decays x 5 seeds) is being computed",
 }
 
 #: the runner of each sweep whose settings carry no "runner" key (default: "influence")
