@@ -74,7 +74,7 @@ def settings_dropdown(fixed: dict[str, Any], title: str = "Every fixed setting")
 
 #: how the recorded stages of a record are grouped in a compute profile (a stage not listed counts as "other")
 STAGE_GROUPS = {"train": "theta* training", "polish": "theta* training", "loo": "LOO retraining",
-                "loo_newton": "LOO retraining", "pbrf": "PBRF"}
+                "loo_newton": "LOO retraining", "loo_replicates": "LOO replicates (noise ceiling)", "pbrf": "PBRF"}
 
 
 def stage_group(stage: str) -> str:
