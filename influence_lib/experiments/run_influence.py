@@ -34,7 +34,7 @@ from ..retrain import retrain_without, train_model
 from ..solvers import SolverError
 from . import stages
 from .record import corr, dataset_block, finish_record, vector, vector_or_none
-from .settings import LOSSES, OPTIONAL_DEFAULTS, normalize_setting
+from .settings import LOSSES, OPTIONAL_DEFAULTS, REPLICATE_KEYS, normalize_setting
 
 
 def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
@@ -155,14 +155,13 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
             a_all = actual[j].detach().cpu().numpy()
             entry["newton"] = {"actual": vector_or_none(nv), "all": corr(p_all[fin], nv[fin]),
                                "vs_warm_start": corr(a_all[fin], nv[fin])}
-    for j, entry in enumerate(points):
-        if replicate_actual:
-            a_all = actual[j].detach().cpu().numpy()
-            pos = np.asarray(replicate_block["positions"])
-            entry["replicates"] = [{"actual": vector(rep[j]), "vs_loo": corr(a_all[pos], rep[j]),
-                                    "predicted_vs_loo": corr(pred[j, remove].detach().cpu().numpy()[pos], a_all[pos]),
-                                    "predicted_vs_replicate": corr(pred[j, remove].detach().cpu().numpy()[pos],
-                                                                   rep[j])}
+    if replicate_actual:
+        pos = np.asarray(replicate_block["positions"])
+        for j, entry in enumerate(points):
+            a = actual[j].detach().cpu().numpy()[pos]
+            p = pred[j, remove].detach().cpu().numpy()[pos]
+            entry["replicates"] = [{"actual": vector(rep[j]), "vs_loo": corr(a, rep[j]),
+                                    "predicted_vs_loo": corr(p, a), "predicted_vs_replicate": corr(p, rep[j])}
                                    for rep in replicate_actual]
     timings["total"] = time.perf_counter() - t_all
     body: dict[str, Any] = {
@@ -190,8 +189,6 @@ def loo_replicates(model, loss_fn, train, test, remove, pred, roles, s, o, progr
     """The setting's removals (the pooled top ``loo_replicate_k`` |predicted| of the highest- and median-loss test
     points, or all) retrained under each protocol of ``loo_replicates``: ``(block, [array [T, R'] per replicate])``;
     ``block["positions"]`` indexes the replicated removals within ``remove``."""
-    from .settings import REPLICATE_KEYS
-
     k = o["loo_replicate_k"]
     if k is None:
         pos = np.arange(len(remove))
