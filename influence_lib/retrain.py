@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .newton import NewtonConvergenceError, NewtonResult, newton_minimize, newton_polish, weighted_data_terms
 from .objective import LossFn, Objective, flat_params, set_flat_params
-from .stacked import fused_data_terms
+from .stacked import fused_data_terms, fused_value_and_grad
 from .validation import (
     NonFiniteError,
     check_choice,
@@ -173,7 +173,19 @@ def fit_stacked(
         xb, yb, wb = (X, y, W) if rows is None else (X[rows], y[rows], W[:, rows])
         return _batch_objective(batched, th, wb, xb, yb)
 
-    Theta = minimize_stacked(data_terms, theta0, n, cfg, l2=objective.weight_decay, progress=progress)
+    value_and_grad = None
+    manual = fused_value_and_grad(objective.model, objective.spec.names, loss_fn, cfg.normalization)
+    if manual is not None:
+        # plain MLPs and linear models: the hand-derived backward pass (influence_lib.stacked), same objective
+        full, c_full = manual.prepare(X, y), manual.coefficients(W)
+
+        def value_and_grad(th: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+            if rows is None:
+                return manual(th, c_full, full)
+            return manual(th, manual.coefficients(W[:, rows]), manual.prepare(X[rows], y[rows]))
+
+    Theta = minimize_stacked(data_terms, theta0, n, cfg, l2=objective.weight_decay, progress=progress,
+                             value_and_grad=value_and_grad)
     return check_not_blown_up("training: the trained parameters", Theta)  # finite but absurd: an overflow
 
 
@@ -187,6 +199,7 @@ def minimize_stacked(
     center: Tensor | None = None,
     on_nonfinite: str = "raise",
     progress: bool | tqdm = False,
+    value_and_grad: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """The optimiser loop shared by every stacked training: minimise, for each model ``b`` of the stack,
 
@@ -198,7 +211,8 @@ def minimize_stacked(
     otherwise the index tensor of the current mini-batch, see ``cfg.batch_size``); the models must not interact.
     A model whose data term or parameters become non-finite: ``on_nonfinite="raise"`` (default) raises
     :class:`NonFiniteError`; ``"stop"`` stops that model alone, returns its row as NaN (no answer) and continues
-    with the others.
+    with the others. ``value_and_grad(Theta, rows)``, where given, returns the data terms ``[B]`` and their gradient
+    ``[B, p]`` in one call (a hand-derived backward pass) and replaces autograd through ``data_terms``.
     """
     check_choice("on_nonfinite", on_nonfinite, ("raise", "stop"))
     theta = theta0.detach().clone()
@@ -209,17 +223,25 @@ def minimize_stacked(
     b1, b2 = cfg.betas
     own_bar = progress is True
     bar = tqdm(total=cfg.steps, desc="training", leave=False) if own_bar else progress
+    any_dead = False
     for t, rows in enumerate(_batches(n, cfg, theta.device), start=1):
-        with torch.enable_grad():
-            th = theta.requires_grad_(True)
-            data_losses = data_terms(th, rows)
-            (g,) = torch.autograd.grad(data_losses.sum(), th)
-        theta = th.detach()
-        bad = ~torch.isfinite(data_losses) | ~torch.isfinite(theta).all(1)
-        if bool((bad & ~dead).any()):
-            if on_nonfinite == "raise":
-                raise NonFiniteError(f"training loss became non-finite at step {t}: lower lr (now {cfg.lr:g})")
-            dead, theta = _stop(dead | bad, theta)
+        if value_and_grad is not None:
+            data_losses, g = value_and_grad(theta, rows)
+        else:
+            with torch.enable_grad():
+                th = theta.requires_grad_(True)
+                data_losses = data_terms(th, rows)
+                (g,) = torch.autograd.grad(data_losses.sum(), th)
+            theta = th.detach()
+        # one scalar test while every model is alive (a non-finite entry makes the sum non-finite); the per-model test
+        # where it fails or once a model has stopped
+        if any_dead or not math.isfinite(float(data_losses.detach().sum() + theta.sum())):
+            bad = ~torch.isfinite(data_losses) | ~torch.isfinite(theta).all(1)
+            if bool((bad & ~dead).any()):
+                if on_nonfinite == "raise":
+                    raise NonFiniteError(f"training loss became non-finite at step {t}: lower lr (now {cfg.lr:g})")
+                dead, theta = _stop(dead | bad, theta)
+                any_dead = True
         g = g + l2 * (theta if anchor is None else theta - anchor)
         if cfg.optimizer == "sgd":
             if cfg.momentum > 0:
@@ -231,11 +253,13 @@ def minimize_stacked(
             sq.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (sq.sqrt() / ((1 - b2 ** t) ** 0.5)).add_(cfg.eps)
             theta = theta - (cfg.lr_at(t) / (1 - b1 ** t)) * buf / denom
-        bad = ~torch.isfinite(theta).all(1)
-        if bool((bad & ~dead).any()):
-            if on_nonfinite == "raise":
-                raise NonFiniteError(f"parameters became non-finite at step {t}: lower lr (now {cfg.lr:g})")
-            dead, theta = _stop(dead | bad, theta)
+        if any_dead or not math.isfinite(float(theta.sum())):
+            bad = ~torch.isfinite(theta).all(1)
+            if bool((bad & ~dead).any()):
+                if on_nonfinite == "raise":
+                    raise NonFiniteError(f"parameters became non-finite at step {t}: lower lr (now {cfg.lr:g})")
+                dead, theta = _stop(dead | bad, theta)
+                any_dead = True
         if bar:
             bar.update(1)
     if own_bar:

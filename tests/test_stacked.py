@@ -9,7 +9,7 @@ from torch.func import vmap
 from influence_lib.models import build_model
 from influence_lib.objective import Objective, flat_params
 from influence_lib.retrain import TrainConfig, fit_stacked
-from influence_lib.stacked import fused_data_terms, sequential_plan
+from influence_lib.stacked import fused_data_terms, fused_value_and_grad, sequential_plan
 
 
 def _vmap_terms(obj, normalization):
@@ -71,9 +71,51 @@ def test_fused_training_equals_the_vmap_training_with_mini_batches(monkeypatch):
     cfg = TrainConfig(optimizer="adam", lr=0.01, steps=40, batch_size=5, seed=2)
     theta0 = flat_params(model).repeat(5, 1)
     fast = fit_stacked(obj, theta0, W, cfg)
-    monkeypatch.setattr(R, "fused_data_terms", lambda *a, **k: None)  # force the vmap path
+    monkeypatch.setattr(R, "fused_value_and_grad", lambda *a, **k: None)  # autograd through the fused forward
+    middle = fit_stacked(obj, theta0, W, cfg)
+    monkeypatch.setattr(R, "fused_data_terms", lambda *a, **k: None)  # and through the vmap path
     slow = fit_stacked(obj, theta0, W, cfg)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(middle, slow, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["relu", "tanh", "sigmoid", "gelu", "softplus", "linear", "image-mlp"])
+@pytest.mark.parametrize("normalization", ["remaining", "full"])
+def test_hand_derived_gradient_equals_autograd(kind, normalization):
+    """The backward pass of influence_lib.stacked (activations [B, features, n], softmax minus one-hot) gives the
+    data terms and gradients autograd gives through the vmap path, for every activation it supports; a model whose
+    weights are all zero (a mini-batch of removed points only) has data term 0 and gradient 0."""
+    model, X, y = _problem(kind)
+    if kind == "sigmoid":
+        model[1] = nn.Sigmoid()
+    if kind == "softplus":
+        model[1] = nn.Softplus(beta=2.0)
+    obj = Objective(model, F.cross_entropy, X, y)
+    B = 6
+    gen = torch.Generator().manual_seed(2)
+    Theta = flat_params(model).repeat(B, 1) + 0.1 * torch.randn(B, obj.p, generator=gen, dtype=torch.float64)
+    W = (torch.rand(B, 24, generator=gen) > 0.3).double()
+    W[-1] = 0
+    manual = fused_value_and_grad(model, obj.spec.names, F.cross_entropy, normalization)
+    assert manual is not None
+    data, grad = manual(Theta, manual.coefficients(W), manual.prepare(X, y))
+    slow = _vmap_terms(obj, normalization)
+    b = Theta.clone().requires_grad_(True)
+    lb = slow(b, torch.where(W.sum(1, keepdim=True) == 0, torch.ones_like(W), W), X, y) * (W.sum(1) > 0)
+    (gb,) = torch.autograd.grad(lb.sum(), b)
+    torch.testing.assert_close(data, lb.detach(), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, gb, rtol=1e-12, atol=1e-15)
+    assert float(data[-1]) == 0 and float(grad[-1].abs().max()) == 0
+
+
+def test_hand_derived_gradient_is_not_used_where_it_does_not_apply():
+    mlp = build_model("mlp", in_shape=(5,), n_classes=3, depth=1, width=4, seed=0, dtype=torch.float64)
+    names = [n for n, _ in mlp.named_parameters()]
+    assert fused_value_and_grad(mlp, names, F.mse_loss, "remaining") is None
+    assert fused_value_and_grad(mlp, names[-2:], F.cross_entropy, "remaining") is None
+    late_flatten = nn.Sequential(nn.Linear(5, 4), nn.Flatten(), nn.Linear(4, 3)).double()
+    assert fused_value_and_grad(late_flatten, [n for n, _ in late_flatten.named_parameters()], F.cross_entropy,
+                                "remaining") is None
 
 
 def test_other_architectures_and_losses_keep_the_general_path():
