@@ -106,7 +106,7 @@ bench-compare:
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet -r requirements.txt -r benchmarks/requirements-bench.txt
 	PYTHONPATH=. $(BENCH_VENV)/bin/python benchmarks/compare.py
-	PYTHONPATH=. $(BENCH_VENV)/bin/python benchmarks/scale.py
+	PYTHONPATH=. $(BENCH_VENV)/bin/python benchmarks/scale.py --anchor-python $(BENCH_VENV)/bin/python
 
 ## bench-gpu: the scale benchmark on a CUDA device (benchmarks/results/scale_gpu.json; refuses without one)
 bench-gpu: $(STAMP)

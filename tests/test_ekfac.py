@@ -37,12 +37,28 @@ def _layer_index(L):
     return idx.reshape(-1)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+class _Block(nn.Module):
+    """A residual block as in benchmarks/scale.py's ResNet: the convolutions' outputs feed a sum with the input."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + 0.5 * self.conv2(torch.tanh(self.conv1(torch.tanh(x))))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "residual"])
 def test_corrected_eigenvalues_are_the_exact_gauss_newton_diagonal(kind):
     g = torch.Generator().manual_seed(1)
     if kind == "mlp":
         net = mlp(4, 3, depth=2, width=5, activation="tanh", seed=0, dtype=D)
         X = torch.randn(30, 4, generator=g, dtype=D)
+    elif kind == "residual":  # a stride-2 convolution and a residual block (the scale benchmark's ResNet, small)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), _Block(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(2, 3)).double()
+        X = torch.randn(12, 1, 7, 7, generator=g, dtype=D)
     else:
         net = small_cnn(1, 3, image_size=6, depth=1, width=2, activation="tanh", seed=0, dtype=D)
         X = torch.randn(12, 1, 6, 6, generator=g, dtype=D)
@@ -50,7 +66,7 @@ def test_corrected_eigenvalues_are_the_exact_gauss_newton_diagonal(kind):
     obj = Objective(net, F.cross_entropy, X, y, weight_decay=0.01, chunk_size=7)  # chunks must not matter
     ek = EKFACSolver(obj, damping=0.1)
     G = GaussNewtonOperator(obj).dense() - 0.01 * torch.eye(obj.p, dtype=D)  # the data term only
-    assert len(ek.layers) == (3 if kind == "mlp" else 2)
+    assert len(ek.layers) == {"mlp": 3, "cnn": 2, "residual": 4}[kind]
     for L, QA, QS, lam in zip(ek.layers, ek.QA, ek.QS, ek.Lam, strict=True):
         f = _layer_index(L)
         Q = torch.kron(QS, QA)
