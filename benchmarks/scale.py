@@ -319,8 +319,11 @@ def run_job(job: dict, tmp: Path, timeout: float, python: str = sys.executable) 
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"name": job["name"], "status": "timeout", "error": f"no result within {timeout:.0f} s"}
-    if not Path(job["out"]).exists():
-        return {"name": job["name"], "status": "error", "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    if not Path(job["out"]).exists():  # the process died before it could report (a signal: often out of memory)
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][-200:]
+        return {"name": job["name"], "status": "error", "error": f"the process ended without a result ({how}); "
+                f"last output: {last}"}
     res = json.loads(Path(job["out"]).read_text())
     if res.get("status") == "ok":
         res["scores"] = torch.load(job["result"])
@@ -369,8 +372,9 @@ def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
     prob = build_problem(pname, n_train, n_test, args.train_epochs)
     entry = {"problem": prob["info"] | {"device": args.device}, "methods": {}, "anchors": {}}
     if not with_ref:
-        entry["reference"] = {"status": "not run", "error": "not affordable on this machine: the float64 "
-                              "reference needs hundreds of float64 passes over the training data"}
+        entry["reference"] = {"status": "not run", "error": "not requested (--reference no)" if args.reference == "no"
+                              else "not affordable on a 2-core machine: the float64 reference needs hundreds of "
+                              "float64 passes over the training data"}
     entry["machine"] = record["machine"]
     record["problems"][pname] = entry
     python_anchor = args.anchor_python
