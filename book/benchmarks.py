@@ -366,21 +366,22 @@ else:
                          f"epochs, {pr['dtype']}, {pr['curvature']} curvature, damping {pr['damping']}, weight "
                          f"decay {pr['weight_decay']}."))
         display(pd.DataFrame(rows).style.format(
-            {"time (s)": "{:.1f}", "epochs (wall)": "{:.1f}", "epochs (CPU)": "{:.1f}", "peak RSS (MB)": "{:.0f}",
-             "Pearson vs exact EK-FAC": "{:.3f}"}, na_rep="–").hide(axis="index"))
+            {"test points": "{:.0f}", "time (s)": "{:.1f}", "epochs (wall)": "{:.1f}", "epochs (CPU)": "{:.1f}",
+             "peak RSS (MB)": "{:.0f}", "Pearson vs exact EK-FAC": "{:.4f}"}, na_rep="–").hide(axis="index"))
         comp = [c for c in entry.get("comparisons", []) if c.get("status") == "ok"]
         if comp:
             display(pd.DataFrame([{"anchor": c["anchor"], "ours": c["ours"], "anchor / ours (wall)": c["speedup"],
                                    "anchor / ours (CPU)": c["speedup_cpu"], "anchor Pearson": c["anchor_pearson"],
                                    "ours Pearson": c["ours_pearson"]} for c in comp])
                     .style.format({"anchor / ours (wall)": "{:.1f}x", "anchor / ours (CPU)": "{:.1f}x",
-                                   "anchor Pearson": "{:.3f}", "ours Pearson": "{:.3f}"}, na_rep="–")
+                                   "anchor Pearson": "{:.4f}", "ours Pearson": "{:.4f}"}, na_rep="–")
                     .hide(axis="index"))
         ref = entry.get("reference", {})
         display(Markdown(f"Measured on {mc['cpu_count']} cores, {mc['torch_threads']} torch thread(s) per "
-                         f"measurement (load average {mc['loadavg_1_5_15'][0]:.1f} at the start), "
-                         f"`{mc['command']}`. The float64 reference: {ref.get('status', 'not run')}"
-                         + (f" ({ref['error']})" if ref.get("error") else "") + "."))
+                         f"measurement (load average {mc['loadavg_1_5_15'][0]:.1f} at the start). The float64 "
+                         f"reference: {ref.get('status', 'not run')}" + (f" ({ref['error']})" if ref.get("error")
+                                                                         else "") + ". The command:"
+                         f"\n\n```\n{mc['command'].replace(' --', ' ' + chr(92) + chr(10) + '    --')}\n```"))
 
 # %% [markdown]
 # ## Newton-converged leave-one-out (`newton_loo.py`)

@@ -25,8 +25,9 @@
 #
 # **Compute.** The table below is read from the records themselves: the time each record of the default
 # settings took on the machine that produced it (wall time of that record's own computation). Records computed
-# while other jobs shared the cores took longer than they would alone (some of the Iris, MNIST and CNN records
-# were computed five at a time on two cores), so these totals are upper bounds. Sweeps run one setting per core
+# while other jobs shared the cores took longer than they would alone (the CNN records were computed up to five at
+# a time on two cores; the MLP records, recomputed when stacked training gained its hand-derived backward pass, two
+# at a time with at most one other job beside them), so these totals are upper bounds. Sweeps run one setting per core
 # (`--jobs`, default: all cores), so a full recomputation takes roughly the total divided by the number of cores.
 
 # %% tags=["parameters", "hide-input"]
