@@ -372,7 +372,7 @@ def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
     prob = build_problem(pname, n_train, n_test, args.train_epochs)
     entry = {"problem": prob["info"] | {"device": args.device}, "methods": {}, "anchors": {}}
     if not with_ref:
-        entry["reference"] = {"status": "not run", "error": "not requested (--reference no)" if args.reference == "no"
+        entry["reference"] = {"status": "not run", "error": "not requested (`--reference no`)" if args.reference == "no"
                               else "not affordable on a 2-core machine: the float64 reference needs hundreds of "
                               "float64 passes over the training data"}
     entry["machine"] = record["machine"]
