@@ -237,11 +237,9 @@ def minimize_stacked(
         # where it fails or once a model has stopped
         if any_dead or not math.isfinite(float(data_losses.detach().sum() + theta.sum())):
             bad = ~torch.isfinite(data_losses) | ~torch.isfinite(theta).all(1)
-            if bool((bad & ~dead).any()):
-                if on_nonfinite == "raise":
-                    raise NonFiniteError(f"training loss became non-finite at step {t}: lower lr (now {cfg.lr:g})")
-                dead, theta = _stop(dead | bad, theta)
-                any_dead = True
+            dead, theta, any_dead = _handle_nonfinite(bad, dead, theta, on_nonfinite, any_dead,
+                                                      f"training loss became non-finite at step {t}: lower lr "
+                                                      f"(now {cfg.lr:g})")
         g = g + l2 * (theta if anchor is None else theta - anchor)
         if cfg.optimizer == "sgd":
             if cfg.momentum > 0:
@@ -254,17 +252,26 @@ def minimize_stacked(
             denom = (sq.sqrt() / ((1 - b2 ** t) ** 0.5)).add_(cfg.eps)
             theta = theta - (cfg.lr_at(t) / (1 - b1 ** t)) * buf / denom
         if any_dead or not math.isfinite(float(theta.sum())):
-            bad = ~torch.isfinite(theta).all(1)
-            if bool((bad & ~dead).any()):
-                if on_nonfinite == "raise":
-                    raise NonFiniteError(f"parameters became non-finite at step {t}: lower lr (now {cfg.lr:g})")
-                dead, theta = _stop(dead | bad, theta)
-                any_dead = True
+            dead, theta, any_dead = _handle_nonfinite(~torch.isfinite(theta).all(1), dead, theta, on_nonfinite,
+                                                      any_dead, f"parameters became non-finite at step {t}: lower "
+                                                      f"lr (now {cfg.lr:g})")
         if bar:
             bar.update(1)
     if own_bar:
         bar.close()
     return theta
+
+
+def _handle_nonfinite(bad: Tensor, dead: Tensor, theta: Tensor, on_nonfinite: str, any_dead: bool,
+                      message: str) -> tuple[Tensor, Tensor, bool]:
+    """Models ``bad`` ``[B]`` that were alive: raise :class:`NonFiniteError` with ``message``
+    (``on_nonfinite="raise"``) or stop them (``"stop"``). Returns ``(dead, theta, any_dead)``."""
+    if not bool((bad & ~dead).any()):
+        return dead, theta, any_dead
+    if on_nonfinite == "raise":
+        raise NonFiniteError(message)
+    dead, theta = _stop(dead | bad, theta)
+    return dead, theta, True
 
 
 def _stop(dead: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
