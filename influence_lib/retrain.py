@@ -153,20 +153,29 @@ def fit_stacked(
                                l2=objective.weight_decay, tol=cfg.tol, max_iter=cfg.max_iter).theta
     loss_fn = objective.loss_fn
 
+    # convolutional models: one model at a time, channels-last (oneDNN's channels-first backward pass is slow for
+    # few-channel convolutions, and vmap over models turns each convolution into a grouped one, slower still:
+    # benchmarks/cnn_layout.py); every other model: vmap over the stack
+    conv = bool(objective.is_convolutional)
+
     def per_model(theta: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-        out = objective.forward(theta, xb)
+        out = objective.forward(theta, xb, channels_last=conv)
         losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, yb)
         denom = w.sum() if cfg.normalization == "remaining" else w.new_tensor(float(w.shape[0]))
         return (w * losses).sum() / denom
 
-    batched = vmap(per_model, in_dims=(0, 0, None, None))
+    if conv:
+        def batched(th: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+            return torch.stack([per_model(th[b], w[b], xb, yb) for b in range(th.shape[0])])
+    else:
+        batched = vmap(per_model, in_dims=(0, 0, None, None))
     fused = fused_data_terms(objective.model, objective.spec.names, loss_fn, cfg.normalization)
     if fused is not None:  # plain MLPs and linear models: batched matrix products instead of vmap (same objective)
         batched = fused
     if theta0.shape[0] == 1 and bool((weights == 1).all()) and cfg.normalization == "remaining":
         # a single model on all its data: the plain batch-mean objective, without vmap overhead
         def batched(th: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:  # noqa: F811
-            return loss_fn(objective.forward(th[0], xb), yb).unsqueeze(0)
+            return loss_fn(objective.forward(th[0], xb, channels_last=conv), yb).unsqueeze(0)
     W = weights.to(dtype=theta0.dtype, device=theta0.device)
 
     def data_terms(th: Tensor, rows: Tensor | None) -> Tensor:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from _helpers import make_classification, make_mlp
 
 import influence_lib as il
+from influence_lib.models import build_model
 
 
 def sequential_loo(model, X, y, Xt, yt, remove, *, wd, optimizer, lr, steps, momentum=0.0):
@@ -58,6 +59,37 @@ def test_batched_loo_equals_the_sequential_loop(setup, optimizer, lr, momentum):
                               optimizer=optimizer, lr=lr, steps=150, momentum=momentum, progress=False)
     assert contract.shape == (4, 4)
     torch.testing.assert_close(contract, expected, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name,kw", [("small_cnn", {"depth": 2, "width": 3}), ("resnet", {"blocks": 2, "width": 3}),
+                                     ("vgg", {"stages": 2, "width": 2})])
+def test_batched_loo_of_a_cnn_equals_the_sequential_loop(name, kw):
+    # convolutional stacks are trained one model at a time with channels-last weights (retrain.fit_stacked): the
+    # same numbers as a plain torch.optim loop on the channels-first model, to float64 rounding
+    torch.manual_seed(0)
+    X, y = torch.randn(12, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    Xt, yt = torch.randn(3, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (3,))
+    model = build_model(name, in_shape=(2, 8, 8), n_classes=3, seed=5, dtype=torch.float64, **kw)
+    remove = [0, 7, 11]
+    expected, thetas = sequential_loo(model, X, y, Xt, yt, remove, wd=0.01, optimizer="adam", lr=0.01, steps=40)
+    res = il.retrain_without(model, F.cross_entropy, (X, y), (Xt, yt), remove, weight_decay=0.01,
+                             optimizer="adam", lr=0.01, steps=40, progress=False)
+    assert res.loss_change.abs().max() > 1e-4
+    torch.testing.assert_close(res.loss_change, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.theta, thetas, rtol=0, atol=1e-10)
+
+
+def test_channels_last_forward_is_the_same_function():
+    torch.manual_seed(1)
+    X, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    model = build_model("resnet", in_shape=(3, 8, 8), n_classes=4, seed=2, dtype=torch.float64, blocks=2, width=3)
+    obj = il.Objective(model, F.cross_entropy, X, y)
+    assert obj.is_convolutional
+    theta = obj.theta()
+    a, b = obj.forward(theta, X), obj.forward(theta, X, channels_last=True)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert not il.Objective(make_mlp(in_dim=3, width=4, depth=1, seed=0), F.cross_entropy,
+                            *make_classification(n=5, seed=0)).is_convolutional
 
 
 @pytest.mark.parametrize("batch_size", [None, 5])
