@@ -36,79 +36,15 @@ estimate of the same factors and eigenvalues (like the sampled-label Fisher of k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
+from torch import Tensor
+from torch.func import hessian, vmap
 
+from .layer_grads import MEMORY_BUDGET, LayerGradients
 from .objective import Objective
 from .validation import check_finite, check_nonneg, check_positive_int
-
-
-@dataclass
-class _Layer:
-    module: nn.Module
-    weight: str  # parameter names
-    bias: str | None
-    w_slice: slice  # positions in the flat parameter vector
-    b_slice: slice | None
-    out: int
-    d_in: int  # columns of the unfolded input, without the bias column
-
-    @property
-    def cols(self) -> int:
-        return self.d_in + (self.bias is not None)
-
-
-def _layers(objective: Objective) -> list[_Layer]:
-    """The supported layers that own the selected parameters, in flat-vector order (errors name the rest)."""
-    offsets, pos = {}, 0
-    for name, numel in zip(objective.spec.names, objective.spec.numels, strict=True):
-        offsets[name] = slice(pos, pos + numel)
-        pos += numel
-    covered, layers = set(), []
-    for mname, m in objective.model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            continue
-        w, b = f"{mname}.weight" if mname else "weight", f"{mname}.bias" if mname else "bias"
-        if w not in offsets:
-            if b in offsets:
-                raise ValueError(f"method='ekfac': parameter {b!r} is selected without its layer's weight {w!r}")
-            continue
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
-            raise ValueError(f"method='ekfac': layer {mname!r} needs groups=1 and numeric zero padding, got {m}")
-        bias = b if b in offsets else None
-        d_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        layers.append(_Layer(m, w, bias, offsets[w], offsets[bias] if bias else None, out, d_in))
-        covered.update({w, bias} - {None})
-    rest = [n for n in objective.spec.names if n not in covered]
-    if rest:
-        raise ValueError(f"method='ekfac' supports parameters of nn.Linear and nn.Conv2d layers only; "
-                         f"select other parameters with params=..., not supported: {rest}")
-    return sorted(layers, key=lambda L: L.w_slice.start)
-
-
-def _rows(layer: _Layer, inp: Tensor) -> Tensor:
-    """Layer input as ``[b, T, d_in(+1)]``: one row per output position (unfolded patches for convolutions)."""
-    m = layer.module
-    if isinstance(m, nn.Conv2d):
-        a = F.unfold(inp, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
-    else:
-        a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
-    if layer.bias is not None:
-        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-    return a
-
-
-def _grad_rows(layer: _Layer, g: Tensor) -> Tensor:
-    """Gradient w.r.t. the layer output as ``[b, T, out]``."""
-    if isinstance(layer.module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 def _loss_hessian_sqrt(objective: Objective, f: Tensor, y: Tensor) -> Tensor:
@@ -118,9 +54,6 @@ def _loss_hessian_sqrt(objective: Objective, f: Tensor, y: Tensor) -> Tensor:
     return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
 
 
-#: Default bound, in bytes, on the intermediates of one chunk of rows (layer inputs and backpropagated columns
-#: of every layer, per-example layer gradients) when the objective sets no ``chunk_size``.
-MEMORY_BUDGET = 256 * 2**20
 
 
 class EKFACSolver:
@@ -149,52 +82,22 @@ class EKFACSolver:
         self.samples, self.seed = samples, seed
         self.memory_budget = MEMORY_BUDGET if memory_budget is None else memory_budget
         self.theta = (objective.theta() if theta is None else theta).detach()
-        self.layers = _layers(objective)
+        self.grads = LayerGradients(objective, self.theta, "method='ekfac'")
+        self.layers = self.grads.layers
         self.QA: list[Tensor] = []
         self.QS: list[Tensor] = []
         self.Lam: list[Tensor] = []
         self.passes = 0  # passes over the training data so far (fit: 2; each call of scores: 1 more)
-        self.rows = self._chunk_rows()
+        # rows per chunk: K = the number of outputs (the exact columns of the loss Hessian's square root)
+        self.rows = self.grads.rows_per_chunk(self._forward(objective.X[:1])[0][0].numel(), self.memory_budget)
         self._fit()
 
-    # --- batched per-layer pieces -------------------------------------------------------------------------
+    # --- batched per-layer pieces (influence_lib.layer_grads) --------------------------------------------
     def _forward(self, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``)."""
-        inputs: dict[int, Tensor] = {}
-        outputs: dict[int, Tensor] = {}
-
-        def hook(i):
-            def fn(_m, inp, out):
-                if i in outputs:
-                    raise ValueError(f"method='ekfac': layer {self.layers[i].weight.removesuffix('.weight')!r} is "
-                                     "called more than once per forward pass (shared weights are not supported)")
-                inputs[i], outputs[i] = inp[0].detach(), out
-            return fn
-
-        handles = [L.module.register_forward_hook(hook(i)) for i, L in enumerate(self.layers)]
-        try:
-            with torch.enable_grad():
-                leaf = self.theta.clone().requires_grad_(True)
-                f = self.objective.forward(leaf, X)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [L.weight for i, L in enumerate(self.layers) if i not in outputs]
-        if missing:
-            raise ValueError(f"method='ekfac': the layers of {missing} are not called by the model's forward pass")
-        n = len(self.layers)
-        return f, [_rows(L, inputs[i]) for i, L in enumerate(self.layers)], [outputs[i] for i in range(n)]
+        return self.grads.forward(X)
 
     def _backprop(self, f: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor]:
-        """Per layer ``[K, b, T, out]``: the output-space vectors ``cols`` ``[b, C, K]`` pulled back to the layer
-        outputs (one backward pass per column on the kept graph; batched over the rows)."""
-        K = cols.shape[2]
-        per = [[] for _ in self.layers]
-        for k in range(K):
-            gs = torch.autograd.grad(f, outs, grad_outputs=cols[:, :, k], retain_graph=k < K - 1)
-            for i, (L, g) in enumerate(zip(self.layers, gs, strict=True)):
-                per[i].append(_grad_rows(L, g))
-        return [torch.stack(p) for p in per]
+        return self.grads.backprop(f, outs, cols)
 
     def _columns(self, f: Tensor, sl: slice, signs: Tensor | None) -> Tensor:
         """Output-space columns ``[b, C, K]`` whose outer products sum to the loss Hessian of each row: the ``C``
@@ -214,31 +117,9 @@ class EKFACSolver:
         signs = torch.randint(0, 2, (self.objective.n, K, self.samples), generator=gen, dtype=torch.int8)
         return (2 * signs - 1).to(self.theta.device)
 
-    def _chunk_rows(self) -> int:
-        """Rows per chunk: the objective's ``chunk_size``, else what fits :attr:`memory_budget`."""
-        obj = self.objective
-        if obj.chunk_size is not None:
-            return obj.chunk_size
-        f, a, outs = self._forward(obj.X[:1])
-        K, per_row = f[0].numel(), 0
-        for L, ai, o in zip(self.layers, a, outs, strict=True):
-            T = ai.shape[1]
-            # inputs and rotated inputs, K backpropagated columns and their rotations, one [out, cols] gradient
-            per_row += 2 * T * L.cols + 2 * K * T * L.out + 2 * L.out * L.cols + 3 * o.numel()
-        per_row *= self.theta.element_size()
-        return max(1, min(obj.n, self.memory_budget // max(per_row, 1)))
-
     def _chunks(self, n: int):
         for start in range(0, n, self.rows):
             yield slice(start, min(start + self.rows, n))
-
-    def _layer_grads(self, X: Tensor, y: Tensor) -> list[Tensor]:
-        """Per-example loss gradients of every layer, ``[b, out, cols]`` (no weight decay)."""
-        f, a, outs = self._forward(X)
-        loss_fn = self.objective.loss_fn
-        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
-        g = self._backprop(f, outs, dl.reshape(dl.shape[0], -1, 1))
-        return [torch.bmm(gi[0].transpose(1, 2), ai) for gi, ai in zip(g, a, strict=True)]
 
     # --- fitting ------------------------------------------------------------------------------------------
     def _fit(self) -> None:
@@ -288,7 +169,7 @@ class EKFACSolver:
         shift = self.objective.weight_decay + self.damping
         W = [[] for _ in self.layers]
         for sl in self._chunks(X_test.shape[0]):
-            for i, G in enumerate(self._layer_grads(X_test[sl], y_test[sl])):
+            for i, G in enumerate(self.grads.per_example(X_test[sl], y_test[sl])):
                 W[i].append(G)
         W = [torch.cat(w) for w in W]
         check_finite("per-example test gradients", torch.cat([w.reshape(w.shape[0], -1) for w in W], 1))
@@ -297,40 +178,22 @@ class EKFACSolver:
         obj = self.objective
         out = []
         for sl in self._chunks(obj.n):
-            Gs = self._layer_grads(obj.X[sl], obj.y[sl])
+            Gs = self.grads.per_example(obj.X[sl], obj.y[sl])
             out.append(sum(w @ G.reshape(G.shape[0], -1).T for w, G in zip(W, Gs, strict=True)))
         self.passes += 1
         return torch.cat(out, dim=1)
 
     # --- solving ------------------------------------------------------------------------------------------
-    def _blocks(self, V: Tensor) -> list[Tensor]:
-        """Flat ``[p, m]`` -> per layer ``[m, out, cols]``."""
-        out = []
-        for L in self.layers:
-            W = V[L.w_slice].T.reshape(V.shape[1], L.out, L.d_in)
-            if L.b_slice is not None:
-                W = torch.cat([W, V[L.b_slice].T.unsqueeze(2)], dim=2)
-            out.append(W)
-        return out
-
-    def _unblocks(self, blocks: list[Tensor], like: Tensor) -> Tensor:
-        X = torch.empty_like(like)
-        for L, W in zip(self.layers, blocks, strict=True):
-            X[L.w_slice] = W[:, :, :L.d_in].reshape(W.shape[0], -1).T
-            if L.b_slice is not None:
-                X[L.b_slice] = W[:, :, L.d_in].T
-        return X
-
     def _apply(self, V: Tensor, power: float) -> Tensor:
         single = V.dim() == 1
         Vm = V.unsqueeze(1) if single else V
         shift = self.objective.weight_decay + self.damping
         out = []
-        for W, QA, QS, Lam in zip(self._blocks(Vm), self.QA, self.QS, self.Lam, strict=True):
+        for W, QA, QS, Lam in zip(self.grads.blocks(Vm), self.QA, self.QS, self.Lam, strict=True):
             R = QS.T @ W @ QA
             R = R * (Lam + shift) if power == 1 else R / (Lam + shift) if power == -1 else R * (Lam + shift) ** power
             out.append(QS @ R @ QA.T)
-        X = self._unblocks(out, Vm)
+        X = self.grads.unblocks(out, Vm)
         return X.squeeze(1) if single else X
 
     def _check_nonsingular(self) -> None:

@@ -13,7 +13,10 @@ and the test loss by
 
 Positive score = removing the point *raises* the test loss: the point helped that prediction. The test-side
 product ``A^{-1} g_t`` is computed once per test point; the scores for all training points are then one
-matrix product per chunk of training gradients.
+matrix product per chunk of training gradients. Where every selected parameter belongs to an ``nn.Linear`` or
+``nn.Conv2d`` layer, the per-example gradients come layer by layer from one batched backward pass
+(:mod:`influence_lib.layer_grads`) and the scores are summed over layers, so no ``[n, p]`` matrix is formed; other
+models use ``torch.func.vmap`` over examples.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from .curvature import GaussNewtonOperator, HessianOperator, LinearOperator
 from .ekfac import EKFACSolver
+from .layer_grads import MEMORY_BUDGET, LayerGradients
 from .objective import LossFn, Objective
 from .preconditioned import ihvp_pcg
 from .solvers import (
@@ -113,6 +117,10 @@ class InfluenceCalculator:
         self._solver: EigenSolver | ArnoldiSolver | EKFACSolver | None = None
         self._preconditioner: EKFACSolver | None = None
         self.last_info: dict[str, Any] = {}
+        # per-example gradients of Linear/Conv2d layers from one batched backward pass (influence_lib.layer_grads)
+        # where every selected parameter sits in such a layer; otherwise vmap over examples
+        self._layer_grads = LayerGradients.supports(self.objective, self.theta)
+        self._rows: int | None = None
 
     @property
     def n_train(self) -> int:
@@ -183,8 +191,18 @@ class InfluenceCalculator:
     def gradients(self, data: tuple[Tensor, Tensor], name: str = "data") -> Tensor:
         """Per-example loss gradients ``[m, p]`` at ``theta*`` (no weight decay)."""
         X, y = self._check_points(name, data)
-        G = torch.cat([g for _, g in self.objective.per_sample_grads(self.theta, X, y)])
+        if self._layer_grads is not None:
+            lg, rows = self._layer_grads, self._score_rows()
+            G = torch.cat([lg.flat_per_example(X[s:s + rows], y[s:s + rows]) for s in range(0, X.shape[0], rows)])
+        else:
+            G = torch.cat([g for _, g in self.objective.per_sample_grads(self.theta, X, y)])
         return check_finite("per-example gradients", G)
+
+    def _score_rows(self) -> int:
+        """Rows per chunk of the layer-gradient path: ``chunk_size``, else what fits the memory budget."""
+        if self._rows is None:
+            self._rows = self._layer_grads.rows_per_chunk(1, MEMORY_BUDGET)
+        return self._rows
 
     def test_ihvp(self, test: tuple[Tensor, Tensor]) -> Tensor:
         """``A^{-1} g_t`` for every test point, ``[p, m]``."""
@@ -199,6 +217,14 @@ class InfluenceCalculator:
             solver = self._ekfac()
             self.last_info = solver.info
             return check_finite("influence scores", solver.scores(Xt, yt) / self.n_train)
+        if self._layer_grads is not None:  # layer by layer, training rows in chunks: no [n, p] gradients
+            lg, rows = self._layer_grads, self._score_rows()
+            S = [b.reshape(b.shape[0], -1) for b in lg.blocks(self.test_ihvp(test))]  # per layer [m, out * cols]
+            out = []
+            for start in range(0, self.n_train, rows):
+                Gs = lg.per_example(obj.X[start:start + rows], obj.y[start:start + rows])
+                out.append(sum(s @ G.reshape(G.shape[0], -1).T for s, G in zip(S, Gs, strict=True)))
+            return check_finite("influence scores", torch.cat(out, dim=1) / self.n_train)
         if obj.chunk_size is None and self.n_train * obj.p <= SCORE_ONE_PASS_MAX:
             # one vectorised pass for the test and the training gradients (per-example results are the same)
             Xt, yt = self._check_points("test", test)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import influence_lib as il
 from influence_lib.curvature import GaussNewtonOperator, HessianOperator
 from influence_lib.ekfac import EKFACSolver
+from influence_lib.layer_grads import LayerGradients
 from influence_lib.models import mlp
 from influence_lib.objective import Objective
 from influence_lib.preconditioned import ihvp_pcg
@@ -37,7 +38,8 @@ def _cnn_data(n=30, m=4):
 def _reference_ekfac_scores(net, train, test, wd, damping):
     """The flat route: full per-example gradients [n, p] and the EK-FAC solve of the test gradients."""
     calc = il.InfluenceCalculator(net, F.cross_entropy, train, weight_decay=wd, damping=damping, method="ekfac")
-    Gt, Gi = calc.gradients(test), calc.gradients(train)
+    obj = calc.objective  # per-example gradients by vmap over examples, independent of influence_lib.layer_grads
+    Gt, Gi = (torch.cat([g for _, g in obj.per_sample_grads(calc.theta, *d)]) for d in (test, train))
     return (Gi @ calc.ihvp(Gt.T)).T / train[0].shape[0]
 
 
@@ -83,8 +85,10 @@ def test_sampled_ekfac_is_deterministic_chunk_invariant_and_close_to_exact():
 
 
 def test_other_methods_score_in_row_chunks_without_chunk_size(monkeypatch):
+    # the vmap route, for models whose parameters are not all in Linear/Conv2d layers (forced here)
     net, (train, test) = _cnn(), _cnn_data()
     want = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="exact", damping=0.1)
+    monkeypatch.setattr(LayerGradients, "supports", classmethod(lambda cls, obj, theta: None))
     seen = []
     orig = Objective.per_sample_grads
 
@@ -98,6 +102,84 @@ def test_other_methods_score_in_row_chunks_without_chunk_size(monkeypatch):
     got = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="exact", damping=0.1)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     assert max(seen) <= 5  # never more than the budget's rows of [rows, p] gradients at once
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x))
+
+
+class _Shared(nn.Module):  # one Linear called twice: its per-example gradient is not g^T a of one call
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x.flatten(1)[:, :4])))))
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-strided", "last-layer", "no-bias", "mse"])
+def test_layer_gradients_equal_vmap_per_example_gradients(case):
+    torch.manual_seed(1)
+    X, y = torch.randn(9, 1, 9, 9, dtype=D), torch.randint(0, 3, (9,))
+    loss, params = F.cross_entropy, None
+    if case == "mlp":
+        net, X = mlp(5, 3, depth=2, width=6, activation="tanh", seed=0, dtype=D), torch.randn(9, 5, dtype=D)
+    elif case in ("cnn", "last-layer"):
+        net = _cnn()
+        params = ["8.weight", "8.bias"] if case == "last-layer" else None
+    elif case == "residual-strided":
+        net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), _Residual(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(3, 3)).double()
+    elif case == "no-bias":
+        net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(98, 3, bias=False))
+        net = net.double()
+    else:  # mse: float targets, two outputs
+        net, y = nn.Sequential(nn.Flatten(), nn.Linear(81, 4), nn.Tanh(), nn.Linear(4, 2)).double(), torch.randn(9, 2,
+                                                                                                            dtype=D)
+        loss = F.mse_loss
+    obj = Objective(net, loss, X, y, params=params)
+    lg = LayerGradients.supports(obj, obj.theta())
+    assert lg is not None
+    want = torch.cat([g for _, g in obj.per_sample_grads(obj.theta(), X, y)])
+    torch.testing.assert_close(lg.flat_per_example(X, y), want, rtol=1e-12, atol=1e-14)
+
+
+def test_layer_gradients_refuse_what_they_cannot_compute_and_scores_fall_back():
+    X, y = torch.randn(10, 1, 3, 3, dtype=D), torch.randint(0, 3, (10,))
+    shared = _Shared().double()
+    assert LayerGradients.supports(Objective(shared, F.cross_entropy, X, y), il.flat_params(shared)) is None
+    normed = nn.Sequential(nn.Flatten(), nn.Linear(9, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    assert LayerGradients.supports(Objective(normed, F.cross_entropy, X, y), il.flat_params(normed)) is None
+    for net in (shared, normed):  # the vmap route: the same scores as the dense formula
+        calc = il.InfluenceCalculator(net, F.cross_entropy, (X, y), weight_decay=0.1, damping=0.1)
+        obj = calc.objective
+        G = torch.cat([g for _, g in obj.per_sample_grads(calc.theta, X, y)])
+        want = G @ torch.linalg.solve(obj.hessian(calc.theta) + 0.1 * torch.eye(obj.p, dtype=D), G.T) / 10
+        torch.testing.assert_close(calc.scores((X, y)), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,opts", [("exact", {}), ("cg", {"curvature": "gauss-newton", "tol": 1e-12}),
+                                         ("arnoldi", {"rank": 40})])
+def test_scores_by_layer_gradients_equal_the_flat_route_in_every_chunking(monkeypatch, method, opts):
+    net, (train, test) = _cnn(), _cnn_data()
+    kw = dict(weight_decay=1e-2, damping=0.1, method=method, **opts)
+    calc = il.InfluenceCalculator(net, F.cross_entropy, train, **kw)
+    obj = calc.objective
+    Gt, Gi = (torch.cat([g for _, g in obj.per_sample_grads(calc.theta, *d)]) for d in (test, train))
+    want = (Gi @ calc.ihvp(Gt.T)).T / train[0].shape[0]
+    # never the vmap route, never more rows than the budget
+    monkeypatch.setattr(Objective, "per_sample_grads", lambda *a, **k: pytest.fail("vmap per-example gradients"))
+    for chunk in ({}, {"chunk_size": 7}):
+        torch.testing.assert_close(il.influence(net, F.cross_entropy, train, test, **kw, **chunk), want,
+                                   rtol=1e-9, atol=1e-13)
+    monkeypatch.setattr(influence_mod, "MEMORY_BUDGET", 1)  # one row per chunk
+    torch.testing.assert_close(il.influence(net, F.cross_entropy, train, test, **kw), want, rtol=1e-9, atol=1e-13)
 
 
 # --- 2. EK-FAC-preconditioned CG ---------------------------------------------------------------------------
