@@ -95,6 +95,7 @@ book-recompute: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/cnn_layout.py
 
 ## bench-probes: profile of the HVP-based methods and the speed-ups tried (benchmarks/results/probes.json)
 bench-probes: $(STAMP)

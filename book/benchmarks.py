@@ -403,3 +403,41 @@ if nl is not None:
     display(Markdown("On ReLU networks the leave-one-out minimisers lie on kinks of the objective, where the gradient "
                      "never vanishes: Newton is reported as not converged there rather than returned as if it were "
                      "(the smooth `iris-newton` sweep of the Iris chapter uses tanh units for that reason)."))
+
+# %% [markdown]
+# ## Stacked training of the book's CNNs (`cnn_layout.py`)
+#
+# The CNN chapter's records train one model to $\theta^*$ (2,000 full-batch Adam steps) and 17 leave-one-out models
+# together (8 removals for each of two test points, and the retrained reference). `fit_stacked` used to train such a
+# stack with `torch.func.vmap` over channels-first models; it now trains the models one at a time with the weights
+# of every convolution with more than one input channel in the channels-last memory format, which oneDNN runs
+# faster for these few-channel convolutions (under `vmap` each convolution of a stack becomes a grouped one, slower
+# still). Both ways are timed in one process on the chapter's nine architectures (width 4, float32, 100 images of
+# 1x28x28, one thread), interleaved, the fastest of the rounds kept; the last column is the largest relative
+# difference between the parameters the two ways reach (float32 rounding: the same optimisation).
+
+# %% tags=["hide-input"]
+cl = load("cnn_layout.json")
+if cl is None:
+    display(Markdown("**`benchmarks/results/cnn_layout.json` is missing**: run `python benchmarks/cnn_layout.py`."))
+else:
+    display(pd.DataFrame([{"model": c["model"], "depth": c["depth"], "parameters": c["p"],
+                           "theta* before (ms/step)": c["theta*"]["ms_per_step_before"],
+                           "theta* now (ms/step)": c["theta*"]["ms_per_step_now"],
+                           "theta* speed-up": c["theta*"]["speedup"],
+                           "LOO x17 before (ms/step)": c["loo"]["ms_per_step_before"],
+                           "LOO x17 now (ms/step)": c["loo"]["ms_per_step_now"],
+                           "LOO speed-up": c["loo"]["speedup"],
+                           "max rel. parameter difference": max(c["theta*"]["max_relative_param_difference"],
+                                                                c["loo"]["max_relative_param_difference"])}
+                          for c in cl["cases"]])
+            .style.format({"theta* before (ms/step)": "{:.1f}", "theta* now (ms/step)": "{:.1f}",
+                           "theta* speed-up": "{:.2f}x", "LOO x17 before (ms/step)": "{:.0f}",
+                           "LOO x17 now (ms/step)": "{:.0f}", "LOO speed-up": "{:.2f}x",
+                           "max rel. parameter difference": "{:.1e}"}).hide(axis="index"))
+    m = cl["machine"]
+    display(Markdown(f"Measured on {cl['date']} ({m['processor']}, {m['cpus']} CPU cores, {m['platform']}, torch "
+                     f"{m['torch']}, {m['threads']} thread), {cl['steps']} steps per way and round, "
+                     f"{cl.get('rounds', 1)} rounds; load average {cl['loadavg_1_5_15_before'][0]:.1f} at the start "
+                     f"and {cl['loadavg_1_5_15_after'][0]:.1f} at the end. Command: "
+                     f"`python benchmarks/cnn_layout.py --steps {cl['steps']} --rounds {cl.get('rounds', 1)}`."))
