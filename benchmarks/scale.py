@@ -310,20 +310,39 @@ def worker(job_path: str) -> None:
     Path(job["out"]).write_text(json.dumps(out))
 
 
+def _oom_kill(pid: int) -> int | None:
+    """The resident kB of process ``pid`` when the kernel's out-of-memory killer ended it (from ``dmesg``), or None
+    (no such line, or the kernel log is not readable)."""
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in reversed(log.splitlines()):
+        if f"Killed process {pid} " in line and "anon-rss:" in line:
+            return int(line.split("anon-rss:")[1].split("kB")[0])
+    return None
+
+
 def run_job(job: dict, tmp: Path, timeout: float, python: str = sys.executable) -> dict:
     job = {**job, "out": str(tmp / f"{job['name']}.json"), "result": str(tmp / f"{job['name']}.pt")}
     jp = tmp / f"{job['name']}.job.json"
     jp.write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", str(jp)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(jp)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return {"name": job["name"], "status": "timeout", "error": f"no result within {timeout:.0f} s"}
     if not Path(job["out"]).exists():  # the process died before it could report (a signal: often out of memory)
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][-200:]
+        oom = _oom_kill(proc.pid) if proc.returncode == -9 else None
+        if oom:
+            how += f": the kernel's out-of-memory killer at {oom / 2**20:.1f} GB resident (dmesg)"
+        last = (stderr.strip().splitlines() or ["no output"])[-1][-200:]
         return {"name": job["name"], "status": "error", "error": f"the process ended without a result ({how}); "
                 f"last output: {last}"}
     res = json.loads(Path(job["out"]).read_text())
