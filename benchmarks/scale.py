@@ -56,6 +56,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -342,7 +343,7 @@ def run_job(job: dict, tmp: Path, timeout: float, python: str = sys.executable) 
         oom = _oom_kill(proc.pid) if proc.returncode == -9 else None
         if oom:
             how += f": the kernel's out-of-memory killer at {oom / 2**20:.1f} GB resident (dmesg)"
-        last = (stderr.strip().splitlines() or ["no output"])[-1][-200:]
+        last = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", (stderr.strip().splitlines() or ["no output"])[-1])[-200:]
         return {"name": job["name"], "status": "error", "error": f"the process ended without a result ({how}); "
                 f"last output: {last}"}
     res = json.loads(Path(job["out"]).read_text())

@@ -60,6 +60,7 @@ results_dir = None  # default: benchmarks/results of the repository
 
 # %% tags=["hide-input"]
 import json
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -72,6 +73,9 @@ from influence_lib import experiments as ex
 ex.parameters(globals(), ['results_dir'])  # refuses unknown parameters, parses what papermill passes as text
 
 RESULTS = Path(results_dir) if results_dir else ex.book_root() / "benchmarks" / "results"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal control sequences in a captured progress bar
 
 
 def load(name):
@@ -368,6 +372,11 @@ else:
         display(pd.DataFrame(rows).style.format(
             {"test points": "{:.0f}", "time (s)": "{:.1f}", "epochs (wall)": "{:.1f}", "epochs (CPU)": "{:.1f}",
              "peak RSS (MB)": "{:.0f}", "Pearson vs exact EK-FAC": "{:.4f}"}, na_rep="–").hide(axis="index"))
+        failed = [f"`{name}`: {ANSI.sub('', str(m.get('error', m.get('status'))))}"
+                  for group in (entry["methods"], entry.get("anchors", {}))
+                  for name, m in group.items() if m.get("status") != "ok"]
+        if failed:
+            display(Markdown("Not measured: " + "; ".join(failed) + "."))
         comp = [c for c in entry.get("comparisons", []) if c.get("status") == "ok"]
         if comp:
             display(pd.DataFrame([{"anchor": c["anchor"], "ours": c["ours"], "anchor / ours (wall)": c["speedup"],
