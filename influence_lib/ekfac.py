@@ -89,15 +89,8 @@ class EKFACSolver:
         self.Lam: list[Tensor] = []
         self.passes = 0  # passes over the training data so far (fit: 2; each call of scores: 1 more)
         # rows per chunk: K = the number of outputs (the exact columns of the loss Hessian's square root)
-        self.rows = self.grads.rows_per_chunk(self._forward(objective.X[:1])[0][0].numel(), self.memory_budget)
+        self.rows = self.grads.rows_per_chunk(self.grads.forward(objective.X[:1])[0][0].numel(), self.memory_budget)
         self._fit()
-
-    # --- batched per-layer pieces (influence_lib.layer_grads) --------------------------------------------
-    def _forward(self, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        return self.grads.forward(X)
-
-    def _backprop(self, f: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor]:
-        return self.grads.backprop(f, outs, cols)
 
     def _columns(self, f: Tensor, sl: slice, signs: Tensor | None) -> Tensor:
         """Output-space columns ``[b, C, K]`` whose outer products sum to the loss Hessian of each row: the ``C``
@@ -127,11 +120,11 @@ class EKFACSolver:
         dt, dev = self.theta.dtype, self.theta.device
         A = [torch.zeros(L.cols, L.cols, dtype=dt, device=dev) for L in self.layers]
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
-        C = self._forward(obj.X[:1])[0][0].numel()
+        C = self.grads.forward(obj.X[:1])[0][0].numel()
         signs = self._signs(C)
         for sl in self._chunks(obj.n):
-            f, a, outs = self._forward(obj.X[sl])
-            g = self._backprop(f, outs, self._columns(f, sl, signs))
+            f, a, outs = self.grads.forward(obj.X[sl])
+            g = self.grads.backprop(f, outs, self._columns(f, sl, signs))
             for i, (ai, gi) in enumerate(zip(a, g, strict=True)):
                 a2, g2 = ai.reshape(-1, ai.shape[-1]), gi.reshape(-1, gi.shape[-1])
                 A[i] += a2.T @ a2
@@ -143,8 +136,8 @@ class EKFACSolver:
         Lam = [torch.zeros(L.out, L.cols, dtype=dt, device=dev) for L in self.layers]
         signs = self._signs(C)
         for sl in self._chunks(obj.n):
-            f, a, outs = self._forward(obj.X[sl])
-            g = self._backprop(f, outs, self._columns(f, sl, signs))
+            f, a, outs = self.grads.forward(obj.X[sl])
+            g = self.grads.backprop(f, outs, self._columns(f, sl, signs))
             for i, (L, ai, gi) in enumerate(zip(self.layers, a, g, strict=True)):
                 QA, QS = self.QA[i], self.QS[i]
                 K, T = gi.shape[0], ai.shape[1]

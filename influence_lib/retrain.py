@@ -156,7 +156,7 @@ def fit_stacked(
     # convolutional models: one model at a time, channels-last (oneDNN's channels-first backward pass is slow for
     # few-channel convolutions, and vmap over models turns each convolution into a grouped one, slower still:
     # benchmarks/cnn_layout.py); every other model: vmap over the stack
-    conv = bool(objective.is_convolutional)
+    conv = objective.is_convolutional
 
     def per_model(theta: Tensor, w: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
         out = objective.forward(theta, xb, channels_last=conv)
