@@ -38,7 +38,16 @@ from .newton import NewtonConvergenceError, NewtonResult, newton_minimize, newto
 from .objective import Objective, flat_params, set_flat_params
 from .pbrf import PBRF, PBRFResult, pbrf_response, pbrf_retrain
 from .preconditioned import ihvp_pcg
-from .retrain import LOOResult, TrainConfig, fit_stacked, loo_retrain, minimize_stacked, retrain_without, train_model
+from .retrain import (
+    LOOResult,
+    TrainConfig,
+    fit_stacked,
+    loo_retrain,
+    minimize_stacked,
+    retrain_without,
+    train_model,
+    train_stack,
+)
 from .solvers import (
     METHODS,
     LissaDivergenceError,
@@ -63,5 +72,5 @@ __all__ = [
     "bootstrap_ci", "extreme_eigenvalues", "fit_stacked", "flat_params", "hessian", "hvp", "ihvp_arnoldi",
     "ihvp_cg", "ihvp_pcg", "ihvp_exact", "ihvp_lissa", "ihvp_minres", "influence", "lanczos", "loo_retrain",
     "mean_ci", "pearson",
-    "retrain_without", "set_flat_params", "spearman", "spectrum_summary", "top_k", "train_model",
+    "retrain_without", "set_flat_params", "spearman", "spectrum_summary", "top_k", "train_model", "train_stack",
 ]

@@ -157,3 +157,34 @@ def test_retrain_rejects_bad_input(setup):
     relu_model = make_mlp(in_dim=3, width=5, depth=2, seed=11, act=torch.nn.ReLU)
     with pytest.raises(il.NonFiniteError, match="lr"):
         f(relu_model, F.cross_entropy, train, test, [0], optimizer="sgd", lr=1e200, steps=50, progress=False)
+
+
+@pytest.mark.parametrize("optimizer,lr,momentum", [("adam", 0.02, 0.0), ("sgd", 0.2, 0.9)])
+def test_train_stack_equals_training_each_model_alone(optimizer, lr, momentum):
+    """B seeds trained in one stack: each row is the model torch.optim trains alone from that seed's initialisation
+    (float64, to rounding), with the loss and gradient norm train_model reports for it; the model passed is left
+    unchanged."""
+    X, y = make_classification(n=30, seed=4)
+    models = [make_mlp(in_dim=3, width=5, depth=2, seed=s) for s in range(4)]
+    theta0 = torch.stack([il.flat_params(m) for m in models])
+    Theta, loss, grad_norm = il.train_stack(models[0], F.cross_entropy, (X, y), theta0, weight_decay=0.01,
+                                            optimizer=optimizer, lr=lr, momentum=momentum, steps=150)
+    assert torch.equal(il.flat_params(models[0]), theta0[0])
+    for b, m in enumerate(models):
+        alone = copy.deepcopy(m)
+        report = il.train_model(alone, F.cross_entropy, (X, y), weight_decay=0.01, optimizer=optimizer, lr=lr,
+                                momentum=momentum, steps=150)
+        opt = (torch.optim.Adam(m.parameters(), lr=lr) if optimizer == "adam"
+               else torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum))
+        for _ in range(150):
+            opt.zero_grad()
+            (F.cross_entropy(m(X), y) + 0.005 * sum((p * p).sum() for p in m.parameters())).backward()
+            opt.step()
+        torch.testing.assert_close(Theta[b], il.flat_params(m), rtol=0, atol=1e-10)
+        torch.testing.assert_close(Theta[b], il.flat_params(alone), rtol=0, atol=1e-12)
+        assert loss[b].item() == pytest.approx(report["loss"], rel=1e-10)
+        assert grad_norm[b].item() == pytest.approx(report["grad_norm"], rel=1e-8)
+    with pytest.raises(ValueError, match="theta0"):
+        il.train_stack(models[0], F.cross_entropy, (X, y), theta0[0])
+    with pytest.raises(il.NonFiniteError):
+        il.train_stack(models[0], F.cross_entropy, (X, y), theta0 * float("nan"))

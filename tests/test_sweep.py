@@ -386,3 +386,32 @@ def test_a_killed_sweep_leaves_no_worker_computing_and_no_partial_record(tmp_pat
     # the claims of the dead workers are taken over by the next sweep
     for lock in (tmp_path / "store" / "k").glob("*.lock"):
         assert store.claim(lock.with_suffix(".json"))
+
+
+def test_theta_stack_trains_a_block_of_seeds_once_and_each_record_matches_training_alone(monkeypatch):
+    """theta_stack=3: seeds 3, 4, 5 form one block, trained in one stack once per process (the next seed of the block
+    reuses it); each record equals the record of its seed trained alone, to rounding; the block is recorded and is
+    part of the setting's key; mini-batch training is refused before any work."""
+    from influence_lib.experiments import stages
+
+    assert "theta_stack" not in normalize_setting({**TINY, "theta_stack": 1})  # the default: keys unchanged
+    assert normalize_setting({**TINY, "theta_stack": 3})["theta_stack"] == 3
+    assert ex.setting_key({**TINY, "theta_stack": 3}) != ex.setting_key(TINY)
+    with pytest.raises(ValueError, match="full batch"):
+        normalize_setting({**TINY, "theta_stack": 3, "batch_size": 10})
+    with pytest.raises(ValueError, match="theta_stack"):
+        normalize_setting({**TINY, "theta_stack": 0})
+    calls = []
+    real = stages.train_stack
+    monkeypatch.setattr(stages, "train_stack", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    monkeypatch.setattr(stages, "_STACKS", {})
+    for seed in (4, 5):
+        stacked = run_influence.run_setting({**TINY, "theta_stack": 3, "seed": seed})
+        alone = run_influence.run_setting({**TINY, "seed": seed})
+        assert stacked["training"]["theta_stack"] == [3, 4, 5]
+        assert stacked["training"]["loss"] == pytest.approx(alone["training"]["loss"], rel=1e-10)
+        assert stacked["removed"] == alone["removed"]
+        for a, b in zip(stacked["test_points"], alone["test_points"], strict=True):
+            np.testing.assert_allclose(a["predicted"], b["predicted"], rtol=1e-7, atol=1e-12)
+            np.testing.assert_allclose(a["actual"], b["actual"], rtol=1e-7, atol=1e-12)
+    assert calls == [torch.Size([3, stacked["model"]["n_params"]])]  # one stack of 3 for both records

@@ -25,6 +25,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["exact"], "damping": 0.001,
         "remove": "all", "k": 25, "n_random_test": 3,
         "loo_optimizer": "adam", "loo_lr": 0.001, "loo_steps": 3000,
+        # the theta* of the 10 seeds of a setting trained in one stack (settings.OPTIONAL_DEFAULTS "theta_stack"):
+        # 10 models cost 1.5-3x one, and on this grid each model came out bit for bit as trained alone
+        "theta_stack": SEEDS["iris"],
     },
     # two ground truths on smooth Iris MLPs (issue "Exact ground truth"): tanh, so that the leave-one-out minimisers
     # are stationary points Newton can reach (with ReLU they sit on kinks, benchmarks/newton_loo.py); theta* polished

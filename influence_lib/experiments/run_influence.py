@@ -54,7 +54,7 @@ def run_setting(setting: dict[str, Any], *, progress: bool = False) -> dict[str,
     timings["data_model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fit = stages.fit(model, loss_fn, train, s, progress)
+    fit = stages.fit(model, loss_fn, train, s, progress, data=data)
     timings["train"] = time.perf_counter() - t
     if o["polish"]:
         t = time.perf_counter()

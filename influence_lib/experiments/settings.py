@@ -103,6 +103,12 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     # median-loss test points (None: every removed point)
     "loo_replicates": [],
     "loo_replicate_k": None,
+    # theta* of T seeds trained at once (influence_lib.retrain.train_stack): the theta* of seed s is trained in one
+    # stack with the seeds of its block of T consecutive seeds, T * (s // T) to T * (s // T) + T - 1, the setting
+    # otherwise the same. Each model's objective and optimiser trajectory are those of training it alone; only the
+    # floating-point rounding differs (and on a chaotic non-convex fit that can send Adam elsewhere), so the block
+    # is part of the setting. Full batch only (stacked models share one mini-batch order)
+    "theta_stack": 1,
 }
 
 #: what a LOO replicate may change, with the setting key it overrides
@@ -220,6 +226,10 @@ def normalize_setting(setting: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"a replicate's warm_start must be True or False, got {r['warm_start']!r}")
         if "lr_schedule" in r:
             check_choice("lr_schedule", r["lr_schedule"], LR_SCHEDULES)
+    check_int("theta_stack", o["theta_stack"], 1)
+    if o["theta_stack"] > 1 and s["batch_size"] is not None:
+        raise ValueError(f"theta_stack > 1 trains full batch (stacked models share one mini-batch order); "
+                         f"got batch_size={s['batch_size']}")
     if o["loo_replicate_k"] is not None:
         check_int("loo_replicate_k", o["loo_replicate_k"], 2)
     if isinstance(s["methods"], str):

@@ -9,6 +9,7 @@ setting gives the same data, initial model, ``theta*`` and scores in every runne
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -22,8 +23,8 @@ from ..data import load_dataset
 from ..influence import InfluenceCalculator
 from ..metrics import top_k
 from ..models import build_model, last_layer_params
-from ..objective import Objective, flat_params
-from ..retrain import retrain_without, train_model
+from ..objective import Objective, flat_params, set_flat_params
+from ..retrain import retrain_without, train_model, train_stack
 from ..solvers import SolverError
 from .settings import DTYPES
 
@@ -34,23 +35,73 @@ def data_and_model(s: dict[str, Any], **data_options: Any):
     data = load_dataset(s["dataset"], seed=s["data_seed"], n_train=s["n_train"], n_test=s["n_test"],
                         fallback=s["fallback"], dtype=DTYPES[s["dtype"]], flatten=s["model"] in ("mlp", "linear"),
                         **data_options)
+    return data, model_of(s, data)
+
+
+def model_of(s: dict[str, Any], data) -> nn.Module:
+    """The freshly initialised model of the normalised setting ``s`` (its architecture and ``seed``) for ``data``."""
     kwargs: dict[str, Any] = {} if s["model"] == "linear" else {"depth": s["depth"], "width": s["width"],
                                                                 "activation": s["activation"]}
     if s["model"] in ("vgg", "resnet"):
         kwargs = {"width": s["width"], "activation": s["activation"],
                   ("stages" if s["model"] == "vgg" else "blocks"): s["depth"]}
-    model = build_model(s["model"], in_shape=tuple(data.X_train.shape[1:]), n_classes=data.n_classes,
-                        seed=s["seed"], dtype=DTYPES[s["dtype"]], **kwargs)
-    return data, model
+    return build_model(s["model"], in_shape=tuple(data.X_train.shape[1:]), n_classes=data.n_classes,
+                       seed=s["seed"], dtype=DTYPES[s["dtype"]], **kwargs)
 
 
 # --- theta* --------------------------------------------------------------------------------------------------
 def fit(model: nn.Module, loss_fn, train: tuple[Tensor, Tensor], s: dict[str, Any],
-        progress: bool = False) -> dict[str, Any]:
-    """Train ``model`` in place to ``theta*`` with the training settings of the normalised setting ``s``."""
+        progress: bool = False, data=None) -> dict[str, Any]:
+    """Train ``model`` in place to ``theta*`` with the training settings of the normalised setting ``s``.
+
+    With ``theta_stack`` T > 1 (:data:`~.settings.OPTIONAL_DEFAULTS`) the theta* of the whole block of T seeds is
+    trained in one stack (:func:`fit_in_stack`; ``data`` is the setting's data set) and this seed's row is used.
+    """
+    if s.get("theta_stack", 1) > 1:
+        return fit_in_stack(model, loss_fn, train, s, data, progress)
     return train_model(model, loss_fn, train, weight_decay=s["weight_decay"], optimizer=s["optimizer"], lr=s["lr"],
                        steps=s["steps"], batch_size=s.get("batch_size"), seed=s["seed"], progress=progress,
                        lr_schedule=s.get("lr_schedule", "constant"))
+
+
+#: the trained stacks of this process, oldest first: {block key: (Theta [T, p], loss [T], grad_norm [T])}, at most
+#: _STACKS_BYTES of parameters (a sweep's workers meet the blocks of a grid seed by seed, so all of them are kept)
+_STACKS: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+_STACKS_BYTES = 256 * 2**20
+
+
+def stack_seeds(s: dict[str, Any]) -> list[int]:
+    """The seeds whose theta* are trained in one stack with that of the normalised setting ``s``."""
+    T = s.get("theta_stack", 1)
+    first = T * (s["seed"] // T)
+    return list(range(first, first + T))
+
+
+def fit_in_stack(model: nn.Module, loss_fn, train: tuple[Tensor, Tensor], s: dict[str, Any], data,
+                 progress: bool = False) -> dict[str, Any]:
+    """theta* of ``s`` from the stack of its block of seeds (:func:`stack_seeds`), trained with
+    :func:`influence_lib.retrain.train_stack` from each seed's own initial model; written into ``model`` in place.
+
+    A process keeps its stacks (up to ``_STACKS_BYTES``), so the other seeds of a block computed in the same process
+    reuse it (the same parameters, bit for bit, as training the block again). The result adds ``"theta_stack"``: the
+    block.
+    """
+    seeds = stack_seeds(s)
+    key = json.dumps({**{k: v for k, v in s.items() if k != "seed"}, "stack_first_seed": seeds[0]}, sort_keys=True,
+                     default=str)
+    if key not in _STACKS:
+        if data is None:
+            raise ValueError("fit_in_stack needs the setting's data set (to build the initial model of every seed)")
+        theta0 = torch.stack([flat_params(model_of({**s, "seed": k}, data)) for k in seeds])
+        _STACKS[key] = train_stack(model, loss_fn, train, theta0, weight_decay=s["weight_decay"],
+                                   optimizer=s["optimizer"], lr=s["lr"], steps=s["steps"],
+                                   lr_schedule=s.get("lr_schedule", "constant"), progress=progress)
+        while len(_STACKS) > 1 and sum(v[0].numel() * v[0].element_size() for v in _STACKS.values()) > _STACKS_BYTES:
+            del _STACKS[next(iter(_STACKS))]
+    Theta, loss, grad_norm = _STACKS[key]
+    row = seeds.index(s["seed"])
+    set_flat_params(model, Theta[row].clone())
+    return {"loss": float(loss[row]), "grad_norm": float(grad_norm[row]), "theta_stack": seeds}
 
 
 def accuracies(model: nn.Module, data) -> tuple[float, float]:
