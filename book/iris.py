@@ -552,39 +552,10 @@ display(Markdown(claims.ceiling_box(claims.noise_ceiling(ceiling_records, rules.
 
 # %% tags=["hide-input"]
 newton_records = ex.chapter_records("iris-newton", prof, jobs=jobs, scheduler=scheduler)[0]
-n_ok, n_failed = ex.split_failed(newton_records)
-n_healthy, n_excluded = stats.split_healthy(n_ok)
-rows = []
-for r in n_healthy:
-    for tp in r["test_points"]:
-        warm = np.asarray(tp["actual"], dtype=float)
-        newton = np.asarray([np.nan if v is None else v for v in tp["newton"]["actual"]], dtype=float)
-        fin = np.isfinite(newton)
-        rows.append({"depth": r["setting"]["depth"], "seed": r["setting"]["seed"],
-                     "influence vs warm start": tp["all"]["spearman"],
-                     "influence vs Newton": tp["newton"]["all"]["spearman"],
-                     "warm start vs Newton": tp["newton"]["vs_warm_start"]["spearman"],
-                     "optimiser error": float(np.median(np.abs(warm[fin] - newton[fin]))
-                                              / max(np.median(np.abs(newton[fin])), 1e-300)) if fin.any() else np.nan})
-two = pd.DataFrame(rows)
-if len(two):
-    cols = [c for c in two if c not in ("depth", "seed")]
-    per_model = two.groupby(["depth", "seed"], as_index=False)[cols].mean()  # the model is the unit
-    agg = report.aggregate(per_model, ["depth"], cols)
-    table = pd.DataFrame({"depth": agg.depth, "models": agg[f"{cols[0]}_n"]})
-    for c in cols:  # intervals clipped to the statistic's range: [-1, 1] for correlations, [0, inf) for the error
-        bounds = (0.0, np.inf) if c == "optimiser error" else (-1.0, 1.0)
-        table[c] = [fmt_ci(m, lo, hi, 3, bounds=bounds)
-                    for m, lo, hi in zip(agg[f"{c}_mean"], agg[f"{c}_lo"], agg[f"{c}_hi"], strict=True)]
-    display(table.set_index("depth"))
-    conv = [(r["loo_newton"]["n_converged"], len(r["loo_newton"]["converged"])) for r in n_ok]
-    gmax = max(r["training"]["grad_norm"] for r in n_ok)
-    display(Markdown(
-        f"{len(n_ok)} models ({stats.exclusion_summary(n_excluded, len(n_ok))}); Newton reached the tolerance for "
-        f"{sum(c for c, _ in conv)} of {sum(t for _, t in conv)} leave-one-out models (the others are left out of "
-        f"the Newton columns); every polished $\\theta^*$ has gradient norm at most {gmax:.1e}."))
-else:
-    display(Markdown("No healthy model in the Newton comparison: " + "; ".join(r["error"] for r in n_failed)))
+newton_table, newton_sentence = report.two_ground_truths(newton_records)
+if newton_table is not None:
+    display(newton_table)
+display(Markdown(newton_sentence))
 
 # %% [markdown]
 # ## The gap to the public replication

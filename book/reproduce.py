@@ -24,11 +24,12 @@
 # the CPU.
 #
 # **Compute.** The table below is read from the records themselves: the time each record of the default
-# settings took on the machine that produced it (wall time of that record's own computation). Records computed
-# while other jobs shared the cores took longer than they would alone (the CNN records were computed up to five at
-# a time on two cores; the MLP records, recomputed when stacked training gained its hand-derived backward pass, two
-# at a time with at most one other job beside them), so these totals are upper bounds. Sweeps run one setting per core
-# (`--jobs`, default: all cores), so a full recomputation takes roughly the total divided by the number of cores.
+# settings took on the machine that produced it (wall time of that record's own computation, one thread). All of
+# them were recomputed in one session on one 2-core machine (an Intel Xeon with AVX-512 kernels), two settings at a
+# time (`--jobs 2`) with little else beside them; the same code on the slower, loaded machines of earlier sessions
+# recorded up to 2.5 times as much. Sweeps run one setting per core (`--jobs`, default: all cores), so a full
+# recomputation takes roughly the total divided by the number of cores; the wall clock of that recomputation, as its
+# log recorded it, follows the table.
 
 # %% tags=["parameters", "hide-input"]
 profile = None  # None: the IL_PROFILE environment variable (default | quick)
@@ -45,7 +46,7 @@ prof = profile or ex.profile()
 root = ex.results_dir(prof)
 CHAPTERS = {"convex-iris": "convex", "convex-mnist": "convex", "iris": "iris, hessian", "iris-newton": "iris",
             "iris-replication": "iris",
-            "mnist": "mnist",
+            "mnist": "mnist", "mnist-newton": "mnist",
             "cnn": "cnn", "test-points": "test_points", "ground-truth": "ground_truth", "pbrf": "pbrf",
             "lds": "lds", "iris-ceiling": "intro, iris", "mnist-ceiling": "intro, mnist", "cnn-ceiling": "intro, cnn",
             "test-points-ceiling": "intro, test_points"}
@@ -67,11 +68,25 @@ display(Markdown(f"Total: **{total:.0f} minutes** of recorded time, i.e. at most
                  f"on a 2-core machine with `--jobs 2` (profile `{prof}`). The target of the project (issue "
                  f"\"Exact ground truth, fast\") is 60 minutes on 2 cores for the default profile: "
                  + ("met." if total / 2 <= 60 else f"**not met** ({total / 2:.0f} minutes).")))
+import json  # noqa: E402
+
+book = ex.book_root()
+prof_file = book / "benchmarks" / "results" / "record_profile.json" if book else None
+prof_json = json.loads(prof_file.read_text()) if prof_file and prof_file.is_file() else {}
+wall = prof_json.get("recompute_wall")
+if wall and prof == "default":
+    display(Markdown(
+        f"**On the wall clock.** The last recomputation of these records took **{wall['total_minutes']:.0f} minutes** "
+        f"from the start of its first sweep to the end of its last, with `--jobs 2` on "
+        f"{prof_json.get('cpus_here', 2)} cores ({prof_json.get('cpu', 'CPU not recorded')}, "
+        f"{prof_json.get('cpu_capability', '?')} kernels; `benchmarks/record_profile.py --wall-log`, from the "
+        f"recompute's log `{'`, `'.join(wall['logs'])}`): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in wall["minutes_by_sweep"].items()) + " minutes."))
 
 # %% [markdown]
 # **Where the time goes.** The same records' timings by stage (minutes; `benchmarks/record_profile.py` writes this
 # profile to `benchmarks/results/record_profile.json`). Timings are measured inside each record, single-threaded,
-# on whatever load the machine had at the time, so they are upper bounds for a quiet machine.
+# on whatever load the machine had at the time.
 
 # %% tags=["hide-input"]
 from influence_lib.experiments import report  # noqa: E402
@@ -85,17 +100,13 @@ for name in CHAPTERS:
 profile_table = pd.DataFrame(prof_rows).fillna(0.0)
 display(profile_table.style.format({c: "{:.1f}" for c in profile_table.columns if c != "sweep"})
         .hide(axis="index"))
-import json  # noqa: E402
-
-book = ex.book_root()
-prof_file = book / "benchmarks" / "results" / "record_profile.json" if book else None
-quiet = json.loads(prof_file.read_text()).get("quiet_sample") if prof_file and prof_file.is_file() else None
+quiet = prof_json.get("quiet_sample")
 if quiet:
     display(Markdown(
         "**The same settings on a quiet machine** (`benchmarks/record_profile.py --quiet-sample`, one thread, load "
         f"average {quiet['loadavg_at_start'][0]:.1f} at the start): "
         + "; ".join(f"{k} {v['seconds']:.0f} s" for k, v in quiet["records"].items())
-        + ". Against these, the recorded times above are inflated by the load they were computed under."))
+        + ". Set against these, the records show what running two settings at a time on two cores adds."))
 
 # %% [markdown]
 # **Changing a setting.** Every chapter has a `parameters` cell (profile, seeds, `overrides` of any setting in

@@ -292,3 +292,26 @@ def test_fmt_ci_clips_an_interval_to_the_range_of_its_statistic():
     assert report.fmt_ci(0.05, -0.02, 0.1, bounds=(0.0, 1.0)) == "0.05 [0.00, 0.10]"
     assert report.fmt_ci(0.98, 0.94, 1.01) == "0.98 [0.94, 1.01]"  # no bounds: unchanged
     assert report.fmt_ci(0.5, float("nan"), float("nan"), bounds=(-1.0, 1.0)) == "0.50 (no interval)"
+
+
+def test_two_ground_truths_table_follows_the_records():
+    """The optimiser error is median |warm - Newton| / median |Newton| over the converged removals; a removal whose
+    Newton retraining did not converge (None) is left out; the model is the unit."""
+    from influence_lib.experiments.report import two_ground_truths
+
+    def rec(seed, warm, newton):
+        tp = {"actual": warm, "all": {"spearman": 0.5}, "newton": {"actual": newton, "all": {"spearman": 0.25},
+                                                                  "vs_warm_start": {"spearman": 0.75}}}
+        return {"setting": {"depth": 1, "seed": seed}, "test_points": [tp], "health": {"healthy": True},
+                "training": {"grad_norm": 1e-11, "train_accuracy": 1.0}, "dataset": {"name": "iris"},
+                "loo_newton": {"n_converged": sum(v is not None for v in newton), "converged": [v is not None
+                                                                                           for v in newton]}}
+
+    recs = [rec(0, [1.0, 2.0, 4.0], [1.0, 1.0, None]), rec(1, [2.0, 2.0, 2.0], [1.0, 1.0, 1.0])]
+    table, sentence = two_ground_truths(recs)
+    assert table.loc[1, "models"] == 2
+    # per model: seed 0 -> median(|0|, |1|) / median(1, 1) = 0.5; seed 1 -> 1.0; mean 0.75
+    assert table.loc[1, "optimiser error"].startswith("0.750")
+    assert table.loc[1, "influence vs Newton"].startswith("0.250")
+    assert "5 of 6 leave-one-out models" in sentence and "1.0e-11" in sentence
+    assert two_ground_truths([{"error": "boom", "setting": {}}])[0] is None

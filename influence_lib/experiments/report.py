@@ -177,3 +177,54 @@ def diagonal_symlog(ax, x: np.ndarray, y: np.ndarray, linthresh_frac: float = 1e
     ax.set_xticks(ticks, labels)
     ax.set_yticks(ticks, labels)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+
+
+def two_ground_truths(records: Sequence[dict[str, Any]], by: str = "depth"):
+    """The warm-start and the Newton-converged leave-one-out ground truths of records with ``loo_newton`` set.
+
+    Per healthy model (test points averaged first: the model is the unit), grouped by the setting ``by``: the
+    Spearman correlation of the influence estimates with each ground truth, of the two ground truths with each
+    other, and the optimiser error of the warm-start one, ``median |Adam - Newton| / median |Newton|`` over the
+    removed points whose Newton retraining converged; each as a mean with its 95% interval over seeds.
+    Returns ``(table, sentence)``: the table (None without healthy models) and a sentence on the models, their
+    exclusions, the Newton convergence and the stationarity of theta*.
+    """
+    import pandas as pd
+
+    from .stats import exclusion_summary, split_healthy
+    from .store import split_failed
+
+    ok, failed = split_failed(records)
+    healthy, excluded = split_healthy(ok)
+    rows = []
+    for r in healthy:
+        for tp in r["test_points"]:
+            warm = np.asarray(tp["actual"], dtype=float)
+            newton = np.asarray([np.nan if v is None else v for v in tp["newton"]["actual"]], dtype=float)
+            fin = np.isfinite(newton)
+            err = (float(np.median(np.abs(warm[fin] - newton[fin])) / max(np.median(np.abs(newton[fin])), 1e-300))
+                   if fin.any() else np.nan)
+            rows.append({by: r["setting"][by], "seed": r["setting"]["seed"],
+                         "influence vs warm start": tp["all"]["spearman"],
+                         "influence vs Newton": tp["newton"]["all"]["spearman"],
+                         "warm start vs Newton": tp["newton"]["vs_warm_start"]["spearman"],
+                         "optimiser error": err})
+    if not rows:
+        return None, "No healthy model in the Newton comparison: " + "; ".join(r["error"] for r in failed)
+    two = pd.DataFrame(rows)
+    cols = [c for c in two if c not in (by, "seed")]
+    per_model = two.groupby([by, "seed"], as_index=False)[cols].mean()
+    agg = aggregate(per_model, [by], cols)
+    table = pd.DataFrame({by: agg[by], "models": agg[f"{cols[0]}_n"]})
+    for c in cols:  # intervals clipped to the statistic's range: [-1, 1] for correlations, [0, inf) for the error
+        bounds = (0.0, np.inf) if c == "optimiser error" else (-1.0, 1.0)
+        table[c] = [fmt_ci(m, lo, hi, 3, bounds=bounds)
+                    for m, lo, hi in zip(agg[f"{c}_mean"], agg[f"{c}_lo"], agg[f"{c}_hi"], strict=True)]
+    conv = [(r["loo_newton"]["n_converged"], len(r["loo_newton"]["converged"])) for r in ok]
+    gmax = max(r["training"]["grad_norm"] for r in ok)
+    sentence = (f"{len(ok)} models ({exclusion_summary(excluded, len(ok))}); Newton reached the tolerance for "
+                f"{sum(c for c, _ in conv)} of {sum(t for _, t in conv)} leave-one-out models (the others are left "
+                f"out of the Newton columns); every polished $\\theta^*$ has gradient norm at most {gmax:.1e}.")
+    if failed:
+        sentence += f" {len(failed)} record(s) failed: " + "; ".join(r["error"][:200] for r in failed)
+    return table.set_index(by), sentence

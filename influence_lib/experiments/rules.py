@@ -36,7 +36,8 @@ R_CLIP = 0.9999
 #: seeds (trained models per setting) every sweep must have before its verdict is final: at least 5 per sweep (a
 #: t interval on 4 degrees of freedom is 2.8 standard errors wide on each side, on 2 it would be 4.3), 10 for the
 #: Iris grid (cheap, and the depth slope at the largest weight decay loses the collapsed deep models)
-SEEDS: dict[str, int] = {"iris": 10, "iris-newton": 5, "iris-replication": 5, "mnist": 5, "cnn": 5,
+SEEDS: dict[str, int] = {"iris": 10, "iris-newton": 5, "iris-replication": 5, "mnist": 5, "mnist-newton": 5,
+                         "cnn": 5,
                          "test-points": 5, "ground-truth": 5, "pbrf": 5, "lds": 5,
                          # the LOO noise ceiling is a description beside the verdicts, not a verdict: 3 models per
                          # setting (every ceiling sweep, compute budget)
