@@ -222,9 +222,11 @@ def two_ground_truths(records: Sequence[dict[str, Any]], by: str = "depth"):
                     for m, lo, hi in zip(agg[f"{c}_mean"], agg[f"{c}_lo"], agg[f"{c}_hi"], strict=True)]
     conv = [(r["loo_newton"]["n_converged"], len(r["loo_newton"]["converged"])) for r in ok]
     gmax = max(r["training"]["grad_norm"] for r in ok)
+    reached, total = sum(c for c, _ in conv), sum(t for _, t in conv)
     sentence = (f"{len(ok)} models ({exclusion_summary(excluded, len(ok))}); Newton reached the tolerance for "
-                f"{sum(c for c, _ in conv)} of {sum(t for _, t in conv)} leave-one-out models (the others are left "
-                f"out of the Newton columns); every polished $\\theta^*$ has gradient norm at most {gmax:.1e}.")
+                f"{reached} of {total} leave-one-out models"
+                + (" (the others are left out of the Newton columns)" if reached < total else "")
+                + f"; every polished $\\theta^*$ has gradient norm at most {gmax:.1e}.")
     if failed:
         sentence += f" {len(failed)} record(s) failed: " + "; ".join(r["error"][:200] for r in failed)
     return table.set_index(by), sentence
