@@ -295,6 +295,10 @@ class Objective:
             return leaf, g
 
         graphs = [chunk_graph(sl) for sl in self.chunks(n)] if keep_graphs else None
+        # a block of vectors: one batched backward (vmap over the double-backward graph), except for convolutional
+        # models, where vmap turns each convolution's double backward into a grouped convolution: k separate backward
+        # passes over the same graph were 1.3-1.7x faster there (CNNs of 210 and 640 parameters, k = 5 to 16)
+        conv = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
 
         def apply(V: Tensor) -> Tensor:
             single = V.dim() == 1
@@ -305,8 +309,15 @@ class Objective:
                 if not g.requires_grad:  # the loss is linear in theta on this chunk
                     continue
                 with torch.enable_grad():
-                    (hv,) = torch.autograd.grad(g, leaf, Vm.T.contiguous(), retain_graph=graphs is not None,
-                                                is_grads_batched=True, allow_unused=True)
+                    if conv:  # one backward per column: see below
+                        k = Vm.shape[1]
+                        cols = [torch.autograd.grad(g, leaf, Vm[:, j].contiguous(), allow_unused=True,
+                                                    retain_graph=graphs is not None or j < k - 1)[0]
+                                for j in range(k)]
+                        hv = None if cols[0] is None else torch.stack(cols)
+                    else:
+                        (hv,) = torch.autograd.grad(g, leaf, Vm.T.contiguous(), retain_graph=graphs is not None,
+                                                    is_grads_batched=True, allow_unused=True)
                 if hv is not None:
                     out = out + hv.T
             return out.squeeze(1) if single else out

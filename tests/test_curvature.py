@@ -149,3 +149,33 @@ def test_gauss_newton_on_rows_is_the_gauss_newton_of_those_rows_and_lissa_uses_i
     # the full-batch series contracts by (1 - mu_min / scale) <= 1 - 0.55 / scale per step: 150 steps leave < 1e-14
     assert float((X_full - exact).norm() / exact.norm()) < 1e-10
     assert float((X_mini - X_full).norm() / X_full.norm()) < 0.1  # measured 0.0035 with these batches
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_hvp_blocks_of_a_cnn_match_its_dense_hessian(chunk_size):
+    """Convolutional models take one backward pass per column of a block (not vmap): a block of products equals
+    torch.func's dense Hessian of an independently written loss applied to it, kept graphs or chunk by chunk."""
+    from torch.func import functional_call
+
+    from influence_lib.models import small_cnn
+
+    model = small_cnn(1, 3, image_size=6, depth=2, width=2, seed=3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(20, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(20) % 3
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01, chunk_size=chunk_size)
+    theta = obj.theta()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def J(th):
+        parts = torch.split(th, [s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return F.cross_entropy(functional_call(model, params, (X,)), y) + 0.005 * th.dot(th)
+
+    H_ref = torch.func.hessian(J)(theta)
+    V = torch.randn(obj.p, 5, generator=g, dtype=torch.float64)
+    apply = obj.hvp_operator(theta, keep_graphs=chunk_size is None)
+    torch.testing.assert_close(apply(V), H_ref @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(apply(V[:, 2]), H_ref @ V[:, 2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(obj.hessian(theta), H_ref, rtol=1e-10, atol=1e-12)
