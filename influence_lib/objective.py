@@ -309,7 +309,7 @@ class Objective:
                 if not g.requires_grad:  # the loss is linear in theta on this chunk
                     continue
                 with torch.enable_grad():
-                    if conv:  # one backward per column: see below
+                    if conv:  # one backward per column (see above)
                         k = Vm.shape[1]
                         cols = [torch.autograd.grad(g, leaf, Vm[:, j].contiguous(), allow_unused=True,
                                                     retain_graph=graphs is not None or j < k - 1)[0]
