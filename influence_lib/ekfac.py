@@ -28,10 +28,11 @@ over the rows), corrected eigenvalues from the rotated rows (``(a Q_A)``, ``(g Q
 Python loop. Scores are computed layer by layer: ``score_ti = sum_l <W_tl, G_il>`` with ``W_tl`` the
 preconditioned test gradient of layer ``l`` and ``G_il`` the per-example gradient of that layer, formed for one
 chunk of training rows at a time, so no ``[n, p]`` matrix of gradients exists. The chunk is the objective's
-``chunk_size`` or what fits ``memory_budget`` bytes. ``samples=s`` replaces the ``C`` exact columns of ``B_i`` by
-``s`` random-sign combinations ``B_i eps / sqrt(s)`` (Rademacher ``eps``; ``E[r r^T] = B_i B_i^T``), an unbiased
-estimate of the same factors and eigenvalues (like the sampled-label Fisher of kronfluence) with ``s`` instead of
-``C`` backward columns per pass; the default ``None`` is exact.
+``chunk_size`` or what fits ``memory_budget`` bytes. ``samples=s`` replaces the ``K`` exact columns of ``B_i``
+(``K = C - 1`` for cross-entropy, ``C`` otherwise) by ``s`` random-sign combinations ``B_i eps / sqrt(s)``
+(Rademacher ``eps``; ``E[r r^T] = B_i B_i^T``), an unbiased estimate of the same factors and eigenvalues (like the
+sampled-label Fisher of kronfluence) with ``s`` instead of ``K`` backward columns per pass; the default ``None`` is
+exact.
 """
 
 from __future__ import annotations
@@ -39,16 +40,35 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import hessian, vmap
 
-from .layer_grads import MEMORY_BUDGET, LayerGradients
+from .layer_grads import MEMORY_BUDGET, LayerGradients, row_matrix
 from .objective import Objective
 from .validation import check_finite, check_nonneg, check_positive_int
 
 
 def _loss_hessian_sqrt(objective: Objective, f: Tensor, y: Tensor) -> Tensor:
-    """``B`` ``[b, C, C]`` with ``B_i B_i^T`` the Hessian of example ``i``'s loss in output space (PSD part)."""
+    """``B`` ``[b, C, K]`` with ``B_i B_i^T`` the Hessian of example ``i``'s loss in output space (PSD part).
+
+    For ``F.cross_entropy`` on ``[b, C]`` logits and class labels the Hessian is ``diag(p) - p p^T`` (``p`` the
+    softmax), of rank ``C - 1``, and ``K = C - 1`` columns suffice (one backward pass fewer per chunk): ``B0 =
+    diag(s) - p s^T`` with ``s = sqrt(p)`` is a square root in closed form (``B0 B0^T = diag(p) - 2 p p^T + p (sum
+    p) p^T``) with ``B0 s = 0``; the Householder reflection ``R`` that swaps ``s`` and the last unit vector ``e_C``
+    gives ``B0 R`` (also a square root, ``R`` being orthogonal), whose last column ``B0 s`` is 0 and is dropped.
+    Any other loss: ``K = C`` columns from the symmetric eigendecomposition of its Hessian (``torch.func``), negative
+    eigenvalues clamped to 0."""
+    if objective.loss_fn is F.cross_entropy and f.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+        p = f.softmax(dim=1)
+        s = p.sqrt()
+        B0 = torch.diag_embed(s) - p.unsqueeze(2) * s.unsqueeze(1)  # [b, C, C]
+        u = s.clone()
+        u[:, -1] -= 1  # u = s - e_C; R = I - 2 u u^T / (u^T u), and R = I where s = e_C already
+        uu = (u * u).sum(1, keepdim=True)
+        u = torch.where(uu > 0, u / uu.clamp_min(torch.finfo(u.dtype).tiny).sqrt(), torch.zeros_like(u))
+        B = B0 - 2 * (B0 @ u.unsqueeze(2)) * u.unsqueeze(1)  # B0 R
+        return B[:, :, :-1]
     H = vmap(hessian(lambda o, t: objective.loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f, y)
     evals, evecs = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)
     return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
@@ -101,6 +121,10 @@ class EKFACSolver:
             return B
         return B @ signs[sl].to(B) / self.samples ** 0.5
 
+    def _probe(self) -> tuple[Tensor, slice, None]:
+        """Outputs of the first training row and its slice: what :meth:`_columns` needs to tell the column count."""
+        return self.grads.forward(self.objective.X[:1])[0].detach(), slice(0, 1), None
+
     def _signs(self, K: int) -> Tensor | None:
         """Rademacher signs ``[n, K, samples]`` for one pass, drawn for all rows at once (chunking does not
         change them)."""
@@ -120,15 +144,17 @@ class EKFACSolver:
         dt, dev = self.theta.dtype, self.theta.device
         A = [torch.zeros(L.cols, L.cols, dtype=dt, device=dev) for L in self.layers]
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
-        C = self.grads.forward(obj.X[:1])[0][0].numel()
+        C = self._columns(*self._probe()).shape[2]  # columns of the loss Hessian's square root
         signs = self._signs(C)
         for sl in self._chunks(obj.n):
             f, a, outs = self.grads.forward(obj.X[sl])
-            g = self.grads.backprop(f, outs, self._columns(f, sl, signs))
-            for i, (ai, gi) in enumerate(zip(a, g, strict=True)):
-                a2, g2 = ai.reshape(-1, ai.shape[-1]), gi.reshape(-1, gi.shape[-1])
-                A[i] += a2.T @ a2
-                S[i] += g2.T @ g2
+            for i, ai in enumerate(a):
+                a2 = row_matrix(ai)  # [cols, b*T], a view
+                A[i] += a2 @ a2.T
+            for g in self.grads.backprop_columns(f, outs, self._columns(f, sl, signs)):  # one column at a time
+                for i, gk in enumerate(g):
+                    g2 = gk.reshape(-1, gk.shape[-1])  # [b*T, out]
+                    S[i] += g2.T @ g2
         self.passes += 1
         # the factors only fix the eigenbasis; their scale does not matter (the eigenvalues are refitted)
         self.QA = [torch.linalg.eigh(M)[1] for M in A]
@@ -137,18 +163,22 @@ class EKFACSolver:
         signs = self._signs(C)
         for sl in self._chunks(obj.n):
             f, a, outs = self.grads.forward(obj.X[sl])
-            g = self.grads.backprop(f, outs, self._columns(f, sl, signs))
-            for i, (L, ai, gi) in enumerate(zip(self.layers, a, g, strict=True)):
-                QA, QS = self.QA[i], self.QS[i]
-                K, T = gi.shape[0], ai.shape[1]
-                if T == 1:  # one row per example: (g a^T)^2 = g^2 (a^2)^T, no [b, out, cols] needed
-                    Lam[i] += torch.einsum("kbo,bd->od", (gi[:, :, 0] @ QS).square(), (ai[:, 0] @ QA).square())
-                elif T * L.cols <= K * L.out * (L.out + L.cols):  # rotate the inputs once, then K products
-                    ar, gr = ai @ QA, gi @ QS  # rows in the eigenbasis: [b, T, cols], [K, b, T, out]
-                    for gk in gr:
-                        Lam[i] += torch.bmm(gk.transpose(1, 2), ar).square().sum(0)
-                else:  # few columns, many positions: form each [out, cols] gradient, then rotate it
-                    for gk in gi:
+            cols = self._columns(f, sl, signs)
+            K = cols.shape[2]
+            rotated: list[Tensor | None] = [None] * len(self.layers)  # inputs in the eigenbasis, once per chunk
+            for g in self.grads.backprop_columns(f, outs, cols):  # one column at a time
+                for i, (L, ai, gk) in enumerate(zip(self.layers, a, g, strict=True)):
+                    QA, QS = self.QA[i], self.QS[i]
+                    T = ai.shape[1]
+                    if T == 1:  # one row per example: (g a^T)^2 = g^2 (a^2)^T, no [b, out, cols] needed
+                        if rotated[i] is None:
+                            rotated[i] = (ai[:, 0] @ QA).square()
+                        Lam[i] += (gk[:, 0] @ QS).square().T @ rotated[i]
+                    elif T * L.cols <= K * L.out * (L.out + L.cols):  # rotate the inputs once, then K products
+                        if rotated[i] is None:  # [b, T, cols]: one product on the [cols, b*T] view, ai's layout
+                            rotated[i] = (QA.T @ row_matrix(ai)).view(ai.shape[2], ai.shape[0], T).permute(1, 2, 0)
+                        Lam[i] += torch.bmm((gk @ QS).transpose(1, 2), rotated[i]).square().sum(0)
+                    else:  # few columns, many positions: form each [out, cols] gradient, then rotate it
                         Lam[i] += (QS.T @ torch.bmm(gk.transpose(1, 2), ai) @ QA).square().sum(0)
         self.passes += 1
         self.Lam = [L / obj.n for L in Lam]
@@ -166,13 +196,10 @@ class EKFACSolver:
                 W[i].append(G)
         W = [torch.cat(w) for w in W]
         check_finite("per-example test gradients", torch.cat([w.reshape(w.shape[0], -1) for w in W], 1))
-        W = [(QS @ ((QS.T @ w @ QA) / (Lam + shift)) @ QA.T).reshape(w.shape[0], -1)
-             for w, QA, QS, Lam in zip(W, self.QA, self.QS, self.Lam, strict=True)]
+        W = self.grads.score_blocks([QS @ ((QS.T @ w @ QA) / (Lam + shift)) @ QA.T
+                                     for w, QA, QS, Lam in zip(W, self.QA, self.QS, self.Lam, strict=True)])
         obj = self.objective
-        out = []
-        for sl in self._chunks(obj.n):
-            Gs = self.grads.per_example(obj.X[sl], obj.y[sl])
-            out.append(sum(w @ G.reshape(G.shape[0], -1).T for w, G in zip(W, Gs, strict=True)))
+        out = [self.grads.inner_products(W, obj.X[sl], obj.y[sl]) for sl in self._chunks(obj.n)]
         self.passes += 1
         return torch.cat(out, dim=1)
 

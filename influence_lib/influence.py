@@ -219,11 +219,9 @@ class InfluenceCalculator:
             return check_finite("influence scores", solver.scores(Xt, yt) / self.n_train)
         if self._layer_grads is not None:  # layer by layer, training rows in chunks: no [n, p] gradients
             lg, rows = self._layer_grads, self._score_rows()
-            S = [b.reshape(b.shape[0], -1) for b in lg.blocks(self.test_ihvp(test))]  # per layer [m, out * cols]
-            out = []
-            for start in range(0, self.n_train, rows):
-                Gs = lg.per_example(obj.X[start:start + rows], obj.y[start:start + rows])
-                out.append(sum(s @ G.reshape(G.shape[0], -1).T for s, G in zip(S, Gs, strict=True)))
+            S = lg.score_blocks(lg.blocks(self.test_ihvp(test)))  # per layer, from [m, out, cols]
+            out = [lg.inner_products(S, obj.X[start:start + rows], obj.y[start:start + rows])
+                   for start in range(0, self.n_train, rows)]
             return check_finite("influence scores", torch.cat(out, dim=1) / self.n_train)
         if obj.chunk_size is None and self.n_train * obj.p <= SCORE_ONE_PASS_MAX:
             # one vectorised pass for the test and the training gradients (per-example results are the same)

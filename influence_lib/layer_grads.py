@@ -81,20 +81,61 @@ def layers_of(objective: Objective, who: str) -> list[Layer]:
     return sorted(layers, key=lambda L: L.w_slice.start)
 
 
-def input_rows(layer: Layer, inp: Tensor) -> Tensor:
-    """Layer input as ``[b, T, d_in(+1)]``: one row per output position (unfolded patches for convolutions)."""
+def _patches(m: nn.Conv2d, inp: Tensor, bias: bool, out: Tensor | None = None) -> Tensor:
+    """The unfolded patches of a convolution's input as ``[b, T, C*kh*kw (+1)]``, columns in the order of the
+    flattened weight ``[out, C, kh, kw]`` (the bias column last), stored *patch-major*: the returned tensor is a
+    view of a contiguous ``[C*kh*kw (+1), b, T]`` buffer (strides ``(T, 1, b*T)``).
+
+    The buffer is filled by ``kh * kw`` strided copies of the (zero-padded) input, one per kernel offset, each
+    reading whole rows of output positions; that is 2-4x faster than ``F.unfold`` followed by the transpose and the
+    ones column on a LeNet's layers (``benchmarks/speed_probes.py``). The layout serves every consumer without a
+    copy: :func:`row_matrix` views all rows of a chunk as one ``[cols, b*T]`` matrix (the K-FAC factor is one
+    product), and each example's ``[T, cols]`` block is a column-major matrix that ``torch.bmm`` reads in place.
+    ``out``: a buffer of a previous call, refilled where its shape, dtype and device fit (a fresh allocation of
+    this size is a fresh mapping of memory whose first touch costs page faults, about a third of the copy)."""
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ph, pw = m.padding
+    if ph or pw:
+        inp = F.pad(inp, (pw, pw, ph, ph))
+    # channels first, so that each copy below reads whole rows (a channels-last input would be read with stride C)
+    inp = inp.contiguous()
+    b, C, H, W = inp.shape
+    Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    d = C * kh * kw
+    shape = (d + bias, b, Ho * Wo)
+    reuse = out is not None and out.shape == shape and out.dtype == inp.dtype and out.device == inp.device
+    buf = out if reuse else inp.new_empty(shape)
+    P = buf[:d].view(C, kh, kw, b, Ho, Wo)
+    src = inp.transpose(0, 1)  # [C, b, H, W], a view
+    for i in range(kh):
+        for j in range(kw):
+            P[:, i, j].copy_(src[:, :, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw])
+    if bias:
+        buf[d] = 1
+    return buf.permute(1, 2, 0)
+
+
+def row_matrix(a: Tensor) -> Tensor:
+    """All input rows of a chunk, ``a`` ``[b, T, cols]``, as one ``[cols, b*T]`` matrix: a view for the
+    patch-major rows of convolutions and for contiguous rows (then it is the transpose of ``[b*T, cols]``)."""
+    return a.permute(2, 0, 1).reshape(a.shape[2], -1)
+
+
+def input_rows(layer: Layer, inp: Tensor, out: Tensor | None = None) -> Tensor:
+    """Layer input as ``[b, T, d_in(+1)]``: one row per output position (unfolded patches for convolutions, which
+    may refill the buffer of an earlier result ``out``, see :func:`_patches`)."""
     m = layer.module
     if isinstance(m, nn.Conv2d):
-        a = F.unfold(inp, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
-    else:
-        a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+        return _patches(m, inp, layer.bias is not None, None if out is None else out.permute(2, 0, 1))
+    a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
     if layer.bias is not None:
         a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
     return a
 
 
 def output_rows(layer: Layer, g: Tensor) -> Tensor:
-    """Gradient w.r.t. the layer output as ``[b, T, out]``."""
+    """Gradient w.r.t. the layer output as ``[b, T, out]`` (a view; contiguous for channels-last convolution
+    outputs, which :meth:`LayerGradients.forward` arranges)."""
     if isinstance(layer.module, nn.Conv2d):
         return g.flatten(2).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1])
@@ -123,7 +164,10 @@ class LayerGradients:
         return lg
 
     def forward(self, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``)."""
+        """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``).
+
+        The input rows of convolutions are written into the buffers of the previous call where the shapes agree
+        (chunk after chunk): they are valid until the next call of :meth:`forward`."""
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
 
@@ -132,7 +176,13 @@ class LayerGradients:
                 if i in outputs:
                     raise ValueError(f"{self.who}: layer {self.layers[i].weight.removesuffix('.weight')!r} is "
                                      "called more than once per forward pass (shared weights are not supported)")
+                if isinstance(self.layers[i].module, nn.Conv2d) and out.dim() == 4:
+                    # the same values laid out channels-last: the layers after it (max-pooling above all: 7x on a
+                    # LeNet) run their channels-last kernels, and the gradients into this output arrive as
+                    # contiguous [b, T, out] rows
+                    out = out.contiguous(memory_format=torch.channels_last)
                 inputs[i], outputs[i] = inp[0].detach(), out
+                return out
             return fn
 
         handles = [L.module.register_forward_hook(hook(i)) for i, L in enumerate(self.layers)]
@@ -146,19 +196,26 @@ class LayerGradients:
         missing = [L.weight for i, L in enumerate(self.layers) if i not in outputs]
         if missing:
             raise ValueError(f"{self.who}: the layers of {missing} are not called by the model's forward pass")
-        return f, [input_rows(L, inputs[i]) for i, L in enumerate(self.layers)], [outputs[i] for i in
-                                                                                 range(len(self.layers))]
+        if not hasattr(self, "_rows_buffers"):
+            self._rows_buffers: list[Tensor | None] = [None] * len(self.layers)
+        rows = [input_rows(L, inputs[i], self._rows_buffers[i]) for i, L in enumerate(self.layers)]
+        self._rows_buffers = rows
+        return f, rows, [outputs[i] for i in range(len(self.layers))]
 
-    def backprop(self, f: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor]:
-        """Per layer ``[K, b, T, out]``: the output-space vectors ``cols`` ``[b, C, K]`` pulled back to the layer
-        outputs (one backward pass per column on the kept graph; batched over the rows)."""
+    def backprop_columns(self, f: Tensor, outs: list[Tensor], cols: Tensor):
+        """Yield, for each column ``k`` of the output-space vectors ``cols`` ``[b, C, K]``, the list over layers of
+        that column pulled back to the layer outputs, ``[b, T, out]`` (one backward pass on the kept graph, batched
+        over the rows). One column at a time: the consumer accumulates what it needs, so the ``K`` columns of a
+        chunk are never stored together."""
         K = cols.shape[2]
-        per: list[list[Tensor]] = [[] for _ in self.layers]
         for k in range(K):
             gs = torch.autograd.grad(f, outs, grad_outputs=cols[:, :, k].reshape(f.shape), retain_graph=k < K - 1)
-            for i, (L, g) in enumerate(zip(self.layers, gs, strict=True)):
-                per[i].append(output_rows(L, g))
-        return [torch.stack(p) for p in per]
+            yield [output_rows(L, g) for L, g in zip(self.layers, gs, strict=True)]
+
+    def backprop(self, f: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor]:
+        """Per layer ``[K, b, T, out]``: all columns of :meth:`backprop_columns` stacked."""
+        per = list(zip(*self.backprop_columns(f, outs, cols), strict=True))
+        return [p[0].unsqueeze(0) if len(p) == 1 else torch.stack(p) for p in per]
 
     def per_example(self, X: Tensor, y: Tensor) -> list[Tensor]:
         """Per-example loss gradients of every layer, ``[b, out, cols]`` (bias last; no weight decay)."""
@@ -167,6 +224,49 @@ class LayerGradients:
         dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
         g = self.backprop(f, outs, dl.reshape(dl.shape[0], -1, 1))
         return [torch.bmm(gi[0].transpose(1, 2), ai) for gi, ai in zip(g, a, strict=True)]
+
+    def positions(self) -> list[int]:
+        """Rows per example of every layer (``T``: output positions of a convolution, 1 for a Linear on
+        ``[b, in]`` inputs), from a forward pass on one training row (computed once)."""
+        if not hasattr(self, "_positions"):
+            self._positions = [a.shape[1] for a in self.forward(self.objective.X[:1])[1]]
+        return self._positions
+
+    def score_blocks(self, W: list[Tensor]) -> list[tuple[bool, Tensor]]:
+        """Per-layer blocks ``W_l`` ``[m, out, cols]`` arranged once for :meth:`inner_products`, as
+        ``(rank_one, block)``: a layer with one row per example and ``m < cols`` keeps ``[m * out, cols]``
+        (``rank_one``); every other layer gets ``W_l^T`` as ``[m, cols * out]``."""
+        out = []
+        for L, T, w in zip(self.layers, self.positions(), W, strict=True):
+            m = w.shape[0]
+            rank_one = T == 1 and m < L.cols
+            out.append((rank_one, w.reshape(m * L.out, L.cols) if rank_one
+                        else w.transpose(1, 2).reshape(m, L.cols * L.out)))
+        return out
+
+    def inner_products(self, blocks: list[tuple[bool, Tensor]], X: Tensor, y: Tensor) -> Tensor:
+        """``[m, b]``: ``sum_l <W_l[t], G_l[i]>`` over the selected layers, for blocks from :meth:`score_blocks`
+        and the per-example loss gradients ``G_l[i] = g_i^T a_i`` of the rows ``X`` (no weight decay).
+
+        A layer with one row per example (``G = g a^T``) is contracted as ``g^T (W a)`` without forming the outer
+        products (an ``[m, out, b]`` intermediate instead of ``[b, out, cols]``; chosen where ``m < cols``). Every
+        other layer forms ``G_i^T = a_i^T g_i`` (``[b, cols, out]``, the faster order of the batched product for the
+        patch-major rows) and takes one product with the transposed blocks."""
+        f, a, outs = self.forward(X)
+        loss_fn = self.objective.loss_fn
+        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
+        g = self.backprop(f, outs, dl.reshape(dl.shape[0], -1, 1))
+        total = None
+        for L, (rank_one, w), ai, gi in zip(self.layers, blocks, a, g, strict=True):
+            b = ai.shape[0]
+            if rank_one:
+                Wa = (w @ ai[:, 0].T).view(-1, L.out, b)  # [m, out, b]: W_t a_i
+                s = (Wa * gi[0, :, 0].T.unsqueeze(0)).sum(1)  # g_i^T W_t a_i
+            else:
+                Gt = torch.bmm(ai.transpose(1, 2), gi[0])  # [b, cols, out]: G_i^T
+                s = w @ Gt.reshape(b, -1).T
+            total = s if total is None else total + s
+        return total
 
     def rows_per_chunk(self, K: int, memory_budget: int) -> int:
         """Rows per chunk for ``K`` backpropagated columns: the objective's ``chunk_size``, else what fits

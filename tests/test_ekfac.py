@@ -8,7 +8,7 @@ from torch import nn
 
 import influence_lib as il
 from influence_lib.curvature import GaussNewtonOperator
-from influence_lib.ekfac import EKFACSolver
+from influence_lib.ekfac import EKFACSolver, _loss_hessian_sqrt
 from influence_lib.models import mlp, small_cnn
 from influence_lib.objective import Objective
 
@@ -92,3 +92,22 @@ def test_ekfac_in_influence_and_bad_inputs():
     bn = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
     with pytest.raises(ValueError, match="nn.Linear and nn.Conv2d layers only.*1.weight"):
         il.influence(bn, F.cross_entropy, (X, y), (X[:3], y[:3]), method="ekfac", damping=0.1)
+
+
+def test_cross_entropy_hessian_square_root_in_closed_form():
+    # the closed form B = diag(sqrt p) - p sqrt(p)^T against torch.func's Hessian of the loss (the generic path,
+    # taken by any other callable) and the EK-FAC that each of them gives
+    g = torch.Generator().manual_seed(4)
+    f, y = torch.randn(6, 4, generator=g, dtype=D) * 3, torch.randint(0, 4, (6,), generator=g)
+    X = torch.randn(6, 5, generator=g, dtype=D)
+    closed = _loss_hessian_sqrt(Objective(mlp(5, 4, depth=1, width=3, seed=0, dtype=D), F.cross_entropy, X, y), f, y)
+    wrapped = Objective(mlp(5, 4, depth=1, width=3, seed=0, dtype=D), lambda o, t: F.cross_entropy(o, t), X, y)
+    H = torch.func.vmap(torch.func.hessian(lambda o, t: F.cross_entropy(o[None], t[None])))(f, y)
+    torch.testing.assert_close(closed @ closed.transpose(1, 2), H, rtol=1e-12, atol=1e-14)
+    generic = _loss_hessian_sqrt(wrapped, f, y)
+    torch.testing.assert_close(generic @ generic.transpose(1, 2), H, rtol=1e-12, atol=1e-14)
+    a = EKFACSolver(Objective(mlp(5, 4, depth=2, width=3, seed=0, dtype=D), F.cross_entropy, X, y), damping=0.1)
+    b = EKFACSolver(Objective(mlp(5, 4, depth=2, width=3, seed=0, dtype=D), lambda o, t: F.cross_entropy(o, t), X, y),
+                    damping=0.1)
+    for la, lb in zip(a.Lam, b.Lam, strict=True):
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-13)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import influence_lib as il
 from influence_lib.curvature import GaussNewtonOperator, HessianOperator
 from influence_lib.ekfac import EKFACSolver
-from influence_lib.layer_grads import LayerGradients
+from influence_lib.layer_grads import Layer, LayerGradients, input_rows, row_matrix
 from influence_lib.models import mlp
 from influence_lib.objective import Objective
 from influence_lib.preconditioned import ihvp_pcg
@@ -123,7 +123,7 @@ class _Shared(nn.Module):  # one Linear called twice: its per-example gradient i
         return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x.flatten(1)[:, :4])))))
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-strided", "last-layer", "no-bias", "mse"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-strided", "conv-geometry", "last-layer", "no-bias", "mse"])
 def test_layer_gradients_equal_vmap_per_example_gradients(case):
     torch.manual_seed(1)
     X, y = torch.randn(9, 1, 9, 9, dtype=D), torch.randint(0, 3, (9,))
@@ -136,6 +136,10 @@ def test_layer_gradients_equal_vmap_per_example_gradients(case):
     elif case == "residual-strided":
         net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), _Residual(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                             nn.Flatten(), nn.Linear(3, 3)).double()
+    elif case == "conv-geometry":  # non-square kernel, unequal strides and padding, dilation, several channels in
+        net = nn.Sequential(nn.Conv2d(1, 3, 2), nn.Tanh(),
+                            nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), nn.Tanh(),
+                            nn.Flatten(), nn.Linear(4 * 3 * 11, 3)).double()
     elif case == "no-bias":
         net = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(98, 3, bias=False))
         net = net.double()
@@ -148,6 +152,29 @@ def test_layer_gradients_equal_vmap_per_example_gradients(case):
     assert lg is not None
     want = torch.cat([g for _, g in obj.per_sample_grads(obj.theta(), X, y)])
     torch.testing.assert_close(lg.flat_per_example(X, y), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2)),
+                                      dict(kernel_size=2, dilation=(2, 3), stride=2, padding=1),
+                                      dict(kernel_size=1, stride=3)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_convolution_input_rows_equal_unfold(geometry, bias, channels_last):
+    conv = nn.Conv2d(3, 2, bias=bias, **geometry).double()
+    x = torch.randn(4, 3, 8, 9, dtype=D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = Layer(conv, "weight", "bias" if bias else None, slice(0), None, 2, 3 * conv.kernel_size[0] *
+                  conv.kernel_size[1])
+    want = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    want = want.transpose(1, 2)
+    if bias:
+        want = torch.cat([want, want.new_ones(*want.shape[:2], 1)], 2)
+    got = input_rows(layer, x)
+    assert torch.equal(got, want)  # the same numbers, copied: no arithmetic
+    # every row of the chunk as one [cols, b*T] matrix, without a copy of the patch-major buffer
+    assert torch.equal(row_matrix(got), want.reshape(-1, want.shape[2]).T)
+    assert row_matrix(got).data_ptr() == got.data_ptr()
 
 
 def test_layer_gradients_refuse_what_they_cannot_compute_and_scores_fall_back():
