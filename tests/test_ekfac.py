@@ -8,7 +8,7 @@ from torch import nn
 
 import influence_lib as il
 from influence_lib.curvature import GaussNewtonOperator
-from influence_lib.ekfac import EKFACSolver, _loss_hessian_sqrt
+from influence_lib.ekfac import EKFACSolver, _add_lower_gram, _loss_hessian_sqrt, _mirror_lower
 from influence_lib.models import mlp, small_cnn
 from influence_lib.objective import Objective
 
@@ -111,3 +111,14 @@ def test_cross_entropy_hessian_square_root_in_closed_form():
                     damping=0.1)
     for la, lb in zip(a.Lam, b.Lam, strict=True):
         torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("d,band", [(5, 128), (7, 3), (9, 3), (10, 4)])
+def test_lower_gram_bands_accumulate_the_full_gram_matrix(d, band):
+    g = torch.Generator().manual_seed(d)
+    A, want = torch.zeros(d, d, dtype=D), torch.zeros(d, d, dtype=D)
+    for _ in range(2):  # accumulated chunk after chunk
+        M = torch.randn(d, 11, generator=g, dtype=D)
+        _add_lower_gram(A, M, band=band)
+        want += M @ M.T
+    torch.testing.assert_close(_mirror_lower(A), want, rtol=1e-13, atol=1e-13)
