@@ -179,3 +179,34 @@ def test_hvp_blocks_of_a_cnn_match_its_dense_hessian(chunk_size):
     torch.testing.assert_close(apply(V), H_ref @ V, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(apply(V[:, 2]), H_ref @ V[:, 2], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(obj.hessian(theta), H_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_float64_hessian_graphs_with_convolutions_as_matmul_equal_pytorch_convolutions():
+    """The kept Hessian graphs of float64 CNNs compute each convolution as a matrix product of unfolded patches:
+    the dense Hessian equals torch.func's over PyTorch's own convolutions for strides, dilation, non-square kernels
+    and a bias-free layer, and the modules are left as they were."""
+    from torch.func import functional_call
+
+    model = nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), nn.Tanh(),
+                          nn.Conv2d(3, 2, 2, bias=False, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.LazyLinear(3)).double()
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(9, 2, 7, 6, generator=g, dtype=torch.float64)
+    model(X)  # materialise the lazy layer
+    y = torch.arange(9) % 3
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+    names, shapes = [n for n, _ in model.named_parameters()], [p.shape for p in model.parameters()]
+
+    def J(th):
+        params = {n: t.view(s) for n, t, s in zip(names, torch.split(th, [s.numel() for s in shapes]), shapes,
+                                                   strict=True)}
+        return F.cross_entropy(functional_call(model, params, (X,)), y) + 0.005 * th.dot(th)
+
+    theta = obj.theta()
+    torch.testing.assert_close(obj.hessian(theta), torch.func.hessian(J)(theta), rtol=1e-10, atol=1e-12)
+    with obj.convolutions_as_matmul():
+        assert all("_conv_forward" in vars(m) for m in model if isinstance(m, nn.Conv2d))
+        inside = model[0](X)
+        torch.testing.assert_close(model[0](X[0]), inside[0], rtol=1e-12, atol=1e-12)  # an unbatched input too
+    assert not any("_conv_forward" in vars(m) for m in model.modules())
+    torch.testing.assert_close(inside, model[0](X), rtol=1e-12, atol=1e-12)  # PyTorch's convolution again
