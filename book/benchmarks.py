@@ -210,6 +210,15 @@ if compare is not None:
             "the remaining margin is the cost per product, which differs little between the libraries (last table "
             "of this section). The ratios move by up to about 30% between runs on this shared machine."
             if len(short) else ".")))
+    if len(short) and "fastest_as_accurate" in rat:
+        alt = [f"{r.problem} {r.method} against {r.anchor}: {f['method']} in {f['time_s']:.2f} s (rel. error "
+               f"{f['rel_error']:.1e} against the anchor's {r.anchor_rel_error:.1e}), {f['speedup']:.2f}x"
+               for _, r in short.iterrows() for f in [r.get("fastest_as_accurate")] if isinstance(f, dict)]
+        if alt:
+            display(Markdown(
+                "Where the matched method is short of 2x, the fastest method of `influence_lib` whose scores are "
+                "at least as close to the exact ones as the anchor's (any method, not only the matched one):\n\n"
+                + "\n".join(f"- {a}" for a in alt)))
 
 # %% tags=["hide-input"]
 if compare is not None:
