@@ -13,6 +13,13 @@ batched matrix product per layer: no ``torch.func.vmap`` over examples. Under ``
 gradient per example is a grouped convolution, the slowest path of oneDNN on CPU (a LeNet on 4,000 images: about 50
 training epochs for the gradients of all examples, against 1-2 here; ``benchmarks/scale.py``).
 
+Layouts, chosen for the CPU kernels (``benchmarks/scale.py``; each change measured on the LeNet there): the output
+of every convolution is passed on channels-last, so the layers after it run their channels-last kernels (max-pooling
+7x faster than channels-first) and the gradients into it arrive as contiguous ``[b, T, out]`` rows; the input rows
+of a convolution are stored patch-major (see :func:`_patches`), so the K-FAC factor of a chunk is one matrix
+product and no transpose is ever copied; the per-layer work of EK-FAC takes the backpropagated columns one at a
+time (:meth:`LayerGradients.backprop_columns`). None of this changes a value beyond floating-point rounding.
+
 Applies when every selected parameter is the weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``,
 numeric zero padding) that the forward pass calls once; :meth:`LayerGradients.supports` says whether it does, and
 the callers (:mod:`influence_lib.influence`, :mod:`influence_lib.ekfac`) fall back to ``vmap`` or raise.
