@@ -206,9 +206,10 @@ if compare is not None:
             f"{r.problem} {r.method} ({1 / r['ours / anchor']:.2f}x)" for _, r in short.iterrows())
             + ". In these cases the number of Hessian-vector products is fixed by the method itself (one per "
             "parameter for the dense Hessian, depth x test points for LiSSA, one per Krylov step for Arnoldi), every "
-            "library needs the same number, and each product is bound by the convolution kernels (profile below): "
-            "the remaining margin is the cost per product, which differs little between the libraries (last table "
-            "of this section). The ratios move by up to about 30% between runs on this shared machine."
+            "library needs the same number, and each product is bound by the model's own kernels (on the CNNs the "
+            "elementwise and pooling steps of the double backward; profile below): the remaining margin is the cost "
+            "per product, which differs little between the libraries (last table of this section). The Iris timings "
+            "are a few milliseconds each. The ratios move by up to about 30% between runs on this shared machine."
             if len(short) else ".")))
     if len(short) and "fastest_as_accurate" in rat:
         alt = [f"{r.problem} {r.method} against {r.anchor}: {f['method']} in {f['time_s']:.2f} s (rel. error "
