@@ -136,10 +136,6 @@ class EKFACSolver:
             return B
         return B @ signs[sl].to(B) / self.samples ** 0.5
 
-    def _probe(self) -> tuple[Tensor, slice, None]:
-        """Outputs of the first training row and its slice: what :meth:`_columns` needs to tell the column count."""
-        return self.grads.forward(self.objective.X[:1])[0].detach(), slice(0, 1), None
-
     def _signs(self, K: int) -> Tensor | None:
         """Rademacher signs ``[n, K, samples]`` for one pass, drawn for all rows at once (chunking does not
         change them)."""
@@ -159,7 +155,8 @@ class EKFACSolver:
         dt, dev = self.theta.dtype, self.theta.device
         A = [torch.zeros(L.cols, L.cols, dtype=dt, device=dev) for L in self.layers]
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
-        C = self._columns(*self._probe()).shape[2]  # columns of the loss Hessian's square root
+        # columns of the loss Hessian's square root, from the first training row
+        C = self._columns(self.grads.forward(obj.X[:1])[0].detach(), slice(0, 1), None).shape[2]
         signs = self._signs(C)
         for sl in self._chunks(obj.n):
             f, a, outs = self.grads.forward(obj.X[sl])

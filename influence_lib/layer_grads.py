@@ -94,8 +94,8 @@ def _patches(m: nn.Conv2d, inp: Tensor, bias: bool, out: Tensor | None = None) -
     view of a contiguous ``[C*kh*kw (+1), b, T]`` buffer (strides ``(T, 1, b*T)``).
 
     The buffer is filled by ``kh * kw`` strided copies of the (zero-padded) input, one per kernel offset, each
-    reading whole rows of output positions; that is 2-4x faster than ``F.unfold`` followed by the transpose and the
-    ones column on a LeNet's layers (``benchmarks/speed_probes.py``). The layout serves every consumer without a
+    reading whole rows of output positions; that was 2-4x faster than ``F.unfold`` followed by the transpose and the
+    ones column on the layers of ``benchmarks/scale.py``'s LeNet. The layout serves every consumer without a
     copy: :func:`row_matrix` views all rows of a chunk as one ``[cols, b*T]`` matrix (the K-FAC factor is one
     product), and each example's ``[T, cols]`` block is a column-major matrix that ``torch.bmm`` reads in place.
     ``out``: a buffer of a previous call, refilled where its shape, dtype and device fit (a fresh allocation of
@@ -158,6 +158,8 @@ class LayerGradients:
     def __init__(self, objective: Objective, theta: Tensor, who: str = "per-example layer gradients"):
         self.objective, self.theta, self.who = objective, theta.detach(), who
         self.layers = layers_of(objective, who)
+        self._rows_buffers: list[Tensor | None] = [None] * len(self.layers)  # see forward
+        self._positions: list[int] | None = None  # see positions
 
     @classmethod
     def supports(cls, objective: Objective, theta: Tensor) -> LayerGradients | None:
@@ -203,8 +205,6 @@ class LayerGradients:
         missing = [L.weight for i, L in enumerate(self.layers) if i not in outputs]
         if missing:
             raise ValueError(f"{self.who}: the layers of {missing} are not called by the model's forward pass")
-        if not hasattr(self, "_rows_buffers"):
-            self._rows_buffers: list[Tensor | None] = [None] * len(self.layers)
         rows = [input_rows(L, inputs[i], self._rows_buffers[i]) for i, L in enumerate(self.layers)]
         self._rows_buffers = rows
         return f, rows, [outputs[i] for i in range(len(self.layers))]
@@ -219,23 +219,23 @@ class LayerGradients:
             gs = torch.autograd.grad(f, outs, grad_outputs=cols[:, :, k].reshape(f.shape), retain_graph=k < K - 1)
             yield [output_rows(L, g) for L, g in zip(self.layers, gs, strict=True)]
 
-    def backprop(self, f: Tensor, outs: list[Tensor], cols: Tensor) -> list[Tensor]:
-        """Per layer ``[K, b, T, out]``: all columns of :meth:`backprop_columns` stacked."""
-        per = list(zip(*self.backprop_columns(f, outs, cols), strict=True))
-        return [p[0].unsqueeze(0) if len(p) == 1 else torch.stack(p) for p in per]
-
-    def per_example(self, X: Tensor, y: Tensor) -> list[Tensor]:
-        """Per-example loss gradients of every layer, ``[b, out, cols]`` (bias last; no weight decay)."""
+    def _loss_gradient_rows(self, X: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per layer, the input rows ``a`` ``[b, T, cols]`` of ``X`` and the per-example loss gradients with
+        respect to the layer outputs, ``g`` ``[b, T, out]``: the two factors of ``G_i = g_i^T a_i``."""
         f, a, outs = self.forward(X)
         loss_fn = self.objective.loss_fn
         dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
-        g = self.backprop(f, outs, dl.reshape(dl.shape[0], -1, 1))
-        return [torch.bmm(gi[0].transpose(1, 2), ai) for gi, ai in zip(g, a, strict=True)]
+        return a, next(self.backprop_columns(f, outs, dl.reshape(dl.shape[0], -1, 1)))
+
+    def per_example(self, X: Tensor, y: Tensor) -> list[Tensor]:
+        """Per-example loss gradients of every layer, ``[b, out, cols]`` (bias last; no weight decay)."""
+        a, g = self._loss_gradient_rows(X, y)
+        return [torch.bmm(gi.transpose(1, 2), ai) for gi, ai in zip(g, a, strict=True)]
 
     def positions(self) -> list[int]:
         """Rows per example of every layer (``T``: output positions of a convolution, 1 for a Linear on
         ``[b, in]`` inputs), from a forward pass on one training row (computed once)."""
-        if not hasattr(self, "_positions"):
+        if self._positions is None:
             self._positions = [a.shape[1] for a in self.forward(self.objective.X[:1])[1]]
         return self._positions
 
@@ -259,18 +259,15 @@ class LayerGradients:
         products (an ``[m, out, b]`` intermediate instead of ``[b, out, cols]``; chosen where ``m < cols``). Every
         other layer forms ``G_i^T = a_i^T g_i`` (``[b, cols, out]``, the faster order of the batched product for the
         patch-major rows) and takes one product with the transposed blocks."""
-        f, a, outs = self.forward(X)
-        loss_fn = self.objective.loss_fn
-        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
-        g = self.backprop(f, outs, dl.reshape(dl.shape[0], -1, 1))
+        a, g = self._loss_gradient_rows(X, y)
         total = None
         for L, (rank_one, w), ai, gi in zip(self.layers, blocks, a, g, strict=True):
             b = ai.shape[0]
             if rank_one:
                 Wa = (w @ ai[:, 0].T).view(-1, L.out, b)  # [m, out, b]: W_t a_i
-                s = (Wa * gi[0, :, 0].T.unsqueeze(0)).sum(1)  # g_i^T W_t a_i
+                s = (Wa * gi[:, 0].T.unsqueeze(0)).sum(1)  # g_i^T W_t a_i
             else:
-                Gt = torch.bmm(ai.transpose(1, 2), gi[0])  # [b, cols, out]: G_i^T
+                Gt = torch.bmm(ai.transpose(1, 2), gi)  # [b, cols, out]: G_i^T
                 s = w @ Gt.reshape(b, -1).T
             total = s if total is None else total + s
         return total
