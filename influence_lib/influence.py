@@ -201,7 +201,7 @@ class InfluenceCalculator:
     def _score_rows(self) -> int:
         """Rows per chunk of the layer-gradient path: ``chunk_size``, else what fits the memory budget."""
         if self._rows is None:
-            self._rows = self._layer_grads.rows_per_chunk(1, MEMORY_BUDGET)
+            self._rows = self._layer_grads.rows_per_chunk(MEMORY_BUDGET)
         return self._rows
 
     def test_ihvp(self, test: tuple[Tensor, Tensor]) -> Tensor:

@@ -38,7 +38,41 @@ from .objective import Objective
 
 #: Default bound, in bytes, on the intermediates of one chunk of rows (layer inputs and backpropagated columns of
 #: every layer, per-example layer gradients) when the objective sets no ``chunk_size``.
-MEMORY_BUDGET = 256 * 2**20
+MEMORY_BUDGET = 512 * 2**20
+#: Most rows per chunk when the objective sets no ``chunk_size``. About a hundred rows amortise what each chunk
+#: costs once (reading the test blocks in scoring, the calls themselves); more rows only add memory, and larger
+#: working sets were slower: EK-FAC on the LeNet of ``benchmarks/scale.py`` took 3.5 s in chunks of 128 rows and
+#: 3.9 s in chunks of 482, on its ResNet 38.0 s in chunks of 128 and 41.1 s in chunks of 32 (one thread, one run).
+MAX_CHUNK_ROWS = 128
+#: Bytes of per-example ``[out, cols]`` layer gradients formed at a time by :meth:`LayerGradients.inner_products`
+#: (the chunk's examples are taken in groups of this size, into one reused buffer). On the ResNet of
+#: ``benchmarks/scale.py`` (blocks of 100 x 901) groups of 16 MB scored a chunk of 96 rows in 18 ms against 33 ms for
+#: the whole chunk at once: a block of more than 32 MB is a fresh mapping of memory on every call (glibc's largest
+#: threshold for reusing freed memory), and smaller groups re-read the test blocks more often.
+SCORE_GROUP_BYTES = 16 * 2**20
+
+
+def example_groups(b: int, block_numel: int, element_size: int, group_bytes: int):
+    """Slices of ``range(b)`` with at most ``group_bytes`` of ``[block_numel]`` per-example blocks each (at least
+    one example per slice), as few as that allows and of sizes differing by at most one (a short last group would
+    cost a product of the same time as a full one)."""
+    most = max(1, group_bytes // max(1, block_numel * element_size))
+    groups = -(-b // most)
+    for k in range(groups):
+        yield slice(k * b // groups, (k + 1) * b // groups)
+
+
+def scratch(buffers: dict, key, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A contiguous tensor of ``shape`` (dtype and device of ``like``) carved from the buffer ``buffers[key]``,
+    which grows when too small and is otherwise reused: a fresh allocation of many megabytes costs page faults on
+    its first touch on every call, a reused one does not. Its contents are undefined."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = buffers[key] = like.new_empty(numel)
+    return buf[:numel].view(shape)
 
 
 @dataclass
@@ -159,6 +193,7 @@ class LayerGradients:
         self.objective, self.theta, self.who = objective, theta.detach(), who
         self.layers = layers_of(objective, who)
         self._rows_buffers: list[Tensor | None] = [None] * len(self.layers)  # see forward
+        self._scratch: dict = {}  # see inner_products
         self._positions: list[int] | None = None  # see positions
 
     @classmethod
@@ -266,26 +301,34 @@ class LayerGradients:
             if rank_one:
                 Wa = (w @ ai[:, 0].T).view(-1, L.out, b)  # [m, out, b]: W_t a_i
                 s = (Wa * gi[:, 0].T.unsqueeze(0)).sum(1)  # g_i^T W_t a_i
-            else:
-                Gt = torch.bmm(ai.transpose(1, 2), gi)  # [b, cols, out]: G_i^T
-                s = w @ Gt.reshape(b, -1).T
+            else:  # examples in groups of at most SCORE_GROUP_BYTES of G^T, formed in one reused buffer
+                s = w.new_empty(w.shape[0], b)
+                groups = example_groups(b, L.cols * L.out, w.element_size(), SCORE_GROUP_BYTES)
+                for sl in groups:
+                    e = sl.stop - sl.start
+                    Gt = torch.bmm(ai[sl].transpose(1, 2), gi[sl],
+                                   out=scratch(self._scratch, "score", (e, L.cols, L.out), w))  # G_i^T
+                    torch.mm(w, Gt.view(e, -1).T, out=s[:, sl])
             total = s if total is None else total + s
         return total
 
-    def rows_per_chunk(self, K: int, memory_budget: int) -> int:
-        """Rows per chunk for ``K`` backpropagated columns: the objective's ``chunk_size``, else what fits
-        ``memory_budget`` bytes of intermediates."""
+    def rows_per_chunk(self, memory_budget: int) -> int:
+        """Rows per chunk: the objective's ``chunk_size``, else what fits ``memory_budget`` bytes of intermediates,
+        at most :data:`MAX_CHUNK_ROWS`.
+
+        Per row, what a chunk keeps for all layers at once: each layer's input rows and, in EK-FAC's eigenvalue
+        pass, their rotation (``2 T cols``), one backpropagated column into every layer output and its rotation
+        (``2 T out``), and the forward graph (about three times the layer outputs). The per-example ``[out, cols]``
+        gradients are formed in groups of bounded size (:data:`SCORE_GROUP_BYTES`, EK-FAC's own), one layer at a
+        time, and do not grow with the chunk."""
         obj = self.objective
         if obj.chunk_size is not None:
             return obj.chunk_size
         f, a, outs = self.forward(obj.X[:1])
-        per_row = 0
-        for L, ai, o in zip(self.layers, a, outs, strict=True):
-            T = ai.shape[1]
-            # inputs and rotated inputs, K backpropagated columns and their rotations, one [out, cols] gradient
-            per_row += 2 * T * L.cols + 2 * K * T * L.out + 2 * L.out * L.cols + 3 * o.numel()
+        per_row = sum(2 * ai.shape[1] * (L.cols + L.out) + 3 * o.numel()
+                      for L, ai, o in zip(self.layers, a, outs, strict=True))
         per_row *= self.theta.element_size()
-        return max(1, min(obj.n, memory_budget // max(per_row, 1)))
+        return max(1, min(obj.n, MAX_CHUNK_ROWS, memory_budget // max(per_row, 1)))
 
     # --- between the flat parameter vector and per-layer blocks -------------------------------------------
     def blocks(self, V: Tensor) -> list[Tensor]:

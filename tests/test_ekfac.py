@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import influence_lib as il
+import influence_lib.ekfac as ekfac_mod
 from influence_lib.curvature import GaussNewtonOperator
 from influence_lib.ekfac import EKFACSolver, _add_lower_gram, _loss_hessian_sqrt, _mirror_lower
 from influence_lib.models import mlp, small_cnn
@@ -48,10 +49,21 @@ class _Block(nn.Module):
         return x + 0.5 * self.conv2(torch.tanh(self.conv1(torch.tanh(x))))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "residual"])
-def test_corrected_eigenvalues_are_the_exact_gauss_newton_diagonal(kind):
+@pytest.mark.parametrize("one_example_at_a_time", [False, True])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "residual", "few-positions"])
+def test_corrected_eigenvalues_are_the_exact_gauss_newton_diagonal(kind, one_example_at_a_time, monkeypatch):
+    # every branch of the eigenvalue pass: one row per example (mlp), many positions and few channels (cnn,
+    # residual: each gradient formed, then rotated), few positions (the second convolution of few-positions: the
+    # inputs rotated once per chunk); in groups of the default size, and one example per group
+    if one_example_at_a_time:
+        monkeypatch.setattr(ekfac_mod, "LAM_GROUP_BYTES", 1)
     g = torch.Generator().manual_seed(1)
-    if kind == "mlp":
+    if kind == "few-positions":
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.Tanh(),
+                            nn.Flatten(), nn.Linear(16, 3)).double()
+        X = torch.randn(12, 1, 9, 9, generator=g, dtype=D)
+    elif kind == "mlp":
         net = mlp(4, 3, depth=2, width=5, activation="tanh", seed=0, dtype=D)
         X = torch.randn(30, 4, generator=g, dtype=D)
     elif kind == "residual":  # a stride-2 convolution and a residual block (the scale benchmark's ResNet, small)
@@ -66,7 +78,7 @@ def test_corrected_eigenvalues_are_the_exact_gauss_newton_diagonal(kind):
     obj = Objective(net, F.cross_entropy, X, y, weight_decay=0.01, chunk_size=7)  # chunks must not matter
     ek = EKFACSolver(obj, damping=0.1)
     G = GaussNewtonOperator(obj).dense() - 0.01 * torch.eye(obj.p, dtype=D)  # the data term only
-    assert len(ek.layers) == {"mlp": 3, "cnn": 2, "residual": 4}[kind]
+    assert len(ek.layers) == {"mlp": 3, "cnn": 2, "residual": 4, "few-positions": 3}[kind]
     for L, QA, QS, lam in zip(ek.layers, ek.QA, ek.QS, ek.Lam, strict=True):
         f = _layer_index(L)
         Q = torch.kron(QS, QA)

@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import influence_lib as il
 from influence_lib.curvature import GaussNewtonOperator, HessianOperator
 from influence_lib.ekfac import EKFACSolver
-from influence_lib.layer_grads import Layer, LayerGradients, input_rows, row_matrix
+from influence_lib.layer_grads import Layer, LayerGradients, example_groups, input_rows, row_matrix, scratch
 from influence_lib.models import mlp
 from influence_lib.objective import Objective
 from influence_lib.preconditioned import ihvp_pcg
 
 D = torch.float64
-influence_mod = importlib.import_module("influence_lib.influence")  # the module (il.influence is the function)
+influence_mod = importlib.import_module("influence_lib.influence")
+layer_grads_mod = importlib.import_module("influence_lib.layer_grads")  # the module (il.influence is the function)
 
 
 def _cnn():
@@ -53,6 +54,9 @@ def test_layerwise_ekfac_scores_equal_the_flat_route_for_every_chunking(monkeypa
         got = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="ekfac", damping=0.1,
                            **opts)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    monkeypatch.setattr(layer_grads_mod, "SCORE_GROUP_BYTES", 1)  # the per-example gradients one at a time
+    got = il.influence(net, F.cross_entropy, train, test, weight_decay=1e-2, method="ekfac", damping=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
 def test_ekfac_chunks_follow_the_memory_budget():
@@ -64,6 +68,10 @@ def test_ekfac_chunks_follow_the_memory_budget():
     for a, b in zip(small.Lam + small.QA, large.Lam + large.QA, strict=True):
         torch.testing.assert_close(a.abs(), b.abs(), rtol=1e-9, atol=1e-12)  # eigenvectors up to sign
     assert large.passes == 2  # factors, then eigenvalue correction
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(300, 4, generator=g, dtype=D), torch.randint(0, 3, (300,), generator=g)
+    many = Objective(mlp(4, 3, depth=1, width=5, seed=0, dtype=D), F.cross_entropy, X, y, weight_decay=1e-2)
+    assert EKFACSolver(many, damping=0.1).rows == layer_grads_mod.MAX_CHUNK_ROWS < 300  # small rows: the cap holds
 
 
 def test_sampled_ekfac_is_deterministic_chunk_invariant_and_close_to_exact():
@@ -207,6 +215,9 @@ def test_scores_by_layer_gradients_equal_the_flat_route_in_every_chunking(monkey
                                    rtol=1e-9, atol=1e-13)
     monkeypatch.setattr(influence_mod, "MEMORY_BUDGET", 1)  # one row per chunk
     torch.testing.assert_close(il.influence(net, F.cross_entropy, train, test, **kw), want, rtol=1e-9, atol=1e-13)
+    monkeypatch.setattr(influence_mod, "MEMORY_BUDGET", layer_grads_mod.MEMORY_BUDGET)
+    monkeypatch.setattr(layer_grads_mod, "SCORE_GROUP_BYTES", 1)  # chunks of rows, gradients formed one at a time
+    torch.testing.assert_close(il.influence(net, F.cross_entropy, train, test, **kw), want, rtol=1e-9, atol=1e-13)
 
 
 # --- 2. EK-FAC-preconditioned CG ---------------------------------------------------------------------------
@@ -276,3 +287,25 @@ def test_dataset_and_dataloader_equal_tensors(method):
     torch.testing.assert_close(as_dl, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="shuffle=False"):
         il.influence(net, F.cross_entropy, DataLoader(TensorDataset(*train), shuffle=True), test, **kw)
+
+
+@pytest.mark.parametrize("b,numel,budget",
+                         [(96, 90100, 16 * 2**20), (96, 10, 400), (7, 3, 1), (5, 1, 10**6), (1, 8, 4)])
+def test_example_groups_cover_the_rows_once_within_the_budget(b, numel, budget):
+    groups = list(example_groups(b, numel, 4, budget))
+    assert [i for sl in groups for i in range(b)[sl]] == list(range(b))  # every row once, in order
+    sizes = [sl.stop - sl.start for sl in groups]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert all(k * numel * 4 <= budget for k in sizes) or sizes == [1] * b  # one example may exceed it
+    assert len(groups) == -(-b // max(1, budget // (numel * 4)))  # no more groups than the budget needs
+
+
+def test_scratch_buffers_are_reused_and_grow():
+    bufs, like = {}, torch.zeros(1, dtype=D)
+    a = scratch(bufs, "k", (3, 4), like)
+    assert a.shape == (3, 4) and a.is_contiguous() and a.dtype == D
+    b = scratch(bufs, "k", (2, 5), like)
+    assert b.data_ptr() == a.data_ptr()  # the same memory, reused
+    c = scratch(bufs, "k", (5, 5), like)
+    assert c.shape == (5, 5) and bufs["k"].numel() == 25  # grown
+    assert scratch(bufs, "k", (2,), torch.zeros(1)).dtype == torch.float32  # a new buffer for another dtype
