@@ -128,7 +128,7 @@ class EKFACSolver:
         self.QS: list[Tensor] = []
         self.Lam: list[Tensor] = []
         self.passes = 0  # passes over the training data so far (fit: 2; each call of scores: 1 more)
-        # rows per chunk: K = the number of outputs (the exact columns of the loss Hessian's square root)
+        # rows per chunk: the objective's chunk_size, else what fits the budget (LayerGradients.rows_per_chunk)
         self.rows = self.grads.rows_per_chunk(self.memory_budget)
         self._fit()
 

@@ -318,9 +318,10 @@ class LayerGradients:
 
         Per row, what a chunk keeps for all layers at once: each layer's input rows and, in EK-FAC's eigenvalue
         pass, their rotation (``2 T cols``), one backpropagated column into every layer output and its rotation
-        (``2 T out``), and the forward graph (about three times the layer outputs). The per-example ``[out, cols]``
-        gradients are formed in groups of bounded size (:data:`SCORE_GROUP_BYTES`, EK-FAC's own), one layer at a
-        time, and do not grow with the chunk."""
+        (``2 T out``), and the forward graph (about three times the layer outputs). In the passes over the training
+        data the per-example ``[out, cols]`` gradients are formed in groups of bounded size
+        (:data:`SCORE_GROUP_BYTES`, EK-FAC's own), one layer at a time, and do not grow with the chunk; only
+        :meth:`per_example`, which returns them, holds a whole chunk's."""
         obj = self.objective
         if obj.chunk_size is not None:
             return obj.chunk_size
