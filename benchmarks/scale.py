@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py [--problem lenet,resnet] [--quick] [--threads 1] [--methods ...]
                                          [--anchors kronfluence-ekfac,...|none] [--reference auto|yes|no]
+    .venv/bin/python benchmarks/scale.py --problem lenet --add-reference   # the reference alone, added later
 
 The problems (``PROBLEMS``), each trained with Adam (batch 128, 5 epochs) on 4,000 training images, 100 test images:
 
@@ -34,8 +35,12 @@ against the method of ours it corresponds to: the ratio of times (above 1: ours 
 **Accuracy**: against a reference, float64 block CG on the same system solved to relative residual 1e-8 (true
 residual), for the first ``--ref-test`` test points (Pearson correlation and relative
 Frobenius error over those rows and all training points), where it is affordable (``--reference auto``: the LeNet);
-always also against our exact EK-FAC (``vs_exact_ekfac``). Methods whose cost grows with the number of test points
-(cg, lissa) run on the reference rows only; ``n_test`` says how many rows each scored. The ResNet runs EK-FAC and
+always also against our exact EK-FAC (``vs_exact_ekfac``). ``--add-reference`` adds the reference to a recorded
+problem without timing anything again: the seeded problem is rebuilt (checked against the record), the reference
+solved, and each method and anchor run once more on the reference rows for the scores its ``accuracy`` needs
+(``add_reference``; the record's times stay, ``reference["added"]`` names the machine and command). Methods
+whose cost grows with the number of test points (cg, lissa) run on the reference rows only; ``n_test`` says how
+many rows each scored. The ResNet runs EK-FAC and
 kronfluence only by default: the Krylov methods and the float64 reference would need hundreds of passes over the
 data through half a million parameters, hours on 2 cores.
 
@@ -189,6 +194,11 @@ ANCHORS = {
     "dattri-cg": ("dattri", "cg", {"cg_iters": 300, "cg_tol": 1e-3}, True, "cg"),
     "dattri-lissa": ("dattri", "lissa", {"lissa_depth": 100, "lissa_batch_size": 256, "lissa_scale": 50.0},
                      True, "lissa"),
+    # curvlinops' CG on its Gauss-Newton operator (our curvature here), the training data in mini-batches of 500 as
+    # ours; dattri's CG and LiSSA multiply by the Hessian (it offers no Gauss-Newton products): the same cost per
+    # product, another matrix, which the reference's accuracy column shows
+    "curvlinops-cg": ("curvlinops", "cg", {"cg_iters": 300, "cg_tol": 1e-3, "curvature": "ggn", "batch_size": 500},
+                      True, "cg"),
     "curvlinops-ekfac": ("curvlinops", "ekfac", {}, False, "ekfac"),
     "curvlinops-kfac": ("curvlinops", "kfac", {}, False, "ekfac"),
 }
@@ -381,6 +391,10 @@ def comparisons(entry: dict) -> list[dict]:
             rows.append({"anchor": name, "ours": ours_name, "status": f"anchor {a.get('status')}, "
                                                                      f"ours {o.get('status')}"})
             continue
+        if run_of(entry, a) != run_of(entry, o):
+            rows.append({"anchor": name, "ours": ours_name, "status": "measured in different runs: "
+                         f"anchor {run_of(entry, a)}, ours {run_of(entry, o)}"})
+            continue
         key = "accuracy" if "accuracy" in o and "accuracy" in a else "vs_exact_ekfac"
         rows.append({"anchor": name, "ours": ours_name, "status": "ok", "anchor_time_s": a["time_s"],
                      "ours_time_s": o["time_s"], "anchor_cpu_s": a["cpu_s"], "ours_cpu_s": o["cpu_s"],
@@ -402,7 +416,8 @@ def _pearson(name: str, m: dict, key: str) -> float | None:
 
 
 def fastest_as_accurate(entry: dict, anchor: dict, key: str) -> dict | None:
-    """Our fastest method that scored the same test rows as ``anchor`` and agrees with the yardstick at least as
+    """Our fastest method, timed in the same run, that scored the same test rows as ``anchor`` and agrees with the
+    yardstick at least as
     well (Pearson), and its time ratio: "faster at equal accuracy" without fixing the pairing in advance. The
     yardstick (``key``) is the float64 reference where it ran; otherwise, for the anchors' EK-FAC and K-FAC (every
     one an approximation of the Gauss-Newton matrix that our exact EK-FAC computes without sampling), our exact
@@ -412,6 +427,7 @@ def fastest_as_accurate(entry: dict, anchor: dict, key: str) -> dict | None:
         return None
     fits = [(m["time_s"], name, m) for name, m in entry["methods"].items()
             if m.get("status") == "ok" and m.get("n_test") == anchor.get("n_test")
+            and run_of(entry, m) == run_of(entry, anchor)
             and (key == "accuracy" or name.startswith("ekfac"))
             and (_pearson(name, m, key) if _pearson(name, m, key) is not None else -2.0) >= target]
     if not fits:
@@ -422,36 +438,90 @@ def fastest_as_accurate(entry: dict, anchor: dict, key: str) -> dict | None:
             "speedup_cpu": anchor["cpu_s"] / m["cpu_s"]}
 
 
-def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
+def run_of(entry: dict, m: dict) -> str:
+    """The run a measurement belongs to (``time_utc`` of its machine record): the timed run's unless ``--merge``
+    added it later. Only measurements of one run are set against each other."""
+    return m.get("run", entry["machine"]["time_utc"])
+
+
+def reference_path(out_path: Path, pname: str) -> Path:
+    """Where the float64 reference's scores of a problem are kept, next to the record (a few hundred kB): a later
+    ``--merge`` or ``--recompare`` measures accuracy against them without solving again."""
+    return out_path.with_name(f"{out_path.stem}_reference_{pname}.pt")
+
+
+def save_reference(out_path: Path, pname: str, scores: torch.Tensor, problem: dict) -> None:
+    path = reference_path(out_path, pname)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"scores": scores, "problem": problem}, tmp)
+    os.replace(tmp, path)
+
+
+def load_reference(out_path: Path, pname: str, problem: dict) -> torch.Tensor | None:
+    """The kept reference scores of ``pname`` if they were computed on this very problem, else None."""
+    path = reference_path(out_path, pname)
+    if not path.exists():
+        return None
+    kept = torch.load(path, weights_only=False)
+    same = all(kept["problem"].get(k) == problem.get(k) for k in ("params", "n_train", "test_accuracy", "dataset"))
+    return kept["scores"] if same else None
+
+
+def same_problem(pname: str, entry: dict, prob: dict, flag: str) -> None:
+    """Refuse, before any measurement, to add to a record whose problem the rebuilt one is not."""
+    pr = entry["problem"]
+    changed = {k: (pr.get(k), prob["info"][k]) for k in ("params", "n_train", "n_test", "test_accuracy", "dataset")
+               if pr.get(k) != prob["info"][k]}
+    if changed:
+        raise SystemExit(f"{flag}: the {pname} rebuilt here differs from the recorded one (recorded, now: "
+                         f"{changed}); rerun the whole problem")
+
+
+def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -> None:
+    """Measure the methods and anchors of one problem and write the record after each. ``--merge``: measure only
+    those named, add them to the recorded entry (each marked with its ``run``) and keep everything else."""
     n_train, n_test = (1000, 20) if args.quick else (4000, 100)
-    methods = args.methods.split(",") if args.methods else list(
-        QUICK_METHODS if args.quick else DEFAULT_METHODS[pname])
-    anchors = [] if args.anchors == "none" else (args.anchors.split(",") if args.anchors else list(
-        () if args.quick else DEFAULT_ANCHORS[pname]))
-    with_ref = DEFAULT_REFERENCE[pname] if args.reference == "auto" else args.reference == "yes"
+    if args.merge:
+        methods = args.methods.split(",") if args.methods else []
+        anchors = args.anchors.split(",") if args.anchors and args.anchors != "none" else []
+        with_ref = False
+    else:
+        methods = args.methods.split(",") if args.methods else list(
+            QUICK_METHODS if args.quick else DEFAULT_METHODS[pname])
+        anchors = [] if args.anchors == "none" else (args.anchors.split(",") if args.anchors else list(
+            () if args.quick else DEFAULT_ANCHORS[pname]))
+        with_ref = DEFAULT_REFERENCE[pname] if args.reference == "auto" else args.reference == "yes"
     t_start = time.perf_counter()
-    prob = build_problem(pname, n_train, n_test, args.train_epochs)
-    entry = {"problem": prob["info"] | {"device": args.device}, "methods": {}, "anchors": {}}
-    if not with_ref:
-        entry["reference"] = {"status": "not run", "error": "not requested (`--reference no`)" if args.reference == "no"
-                              else "not affordable on a 2-core machine: the float64 reference needs hundreds of "
-                              "float64 passes over the training data"}
-    entry["machine"] = record["machine"]
-    if args.anchors is None and not args.quick:
-        for aname, why in NOT_RUN.get(pname, {}).items():
-            entry["anchors"][aname] = {"name": aname, "status": "not run", "error": why}
-    record["problems"][pname] = entry
+    ref: dict = {}
+    if args.merge:
+        entry = record["problems"][pname]
+        pr = entry["problem"]
+        prob = build_problem(pname, pr["n_train"], pr["n_test"], pr["train_epochs"])
+        same_problem(pname, entry, prob, "--merge")
+        run_id = machine["time_utc"]
+        entry.setdefault("runs", {})[run_id] = machine
+        kept = load_reference(out_path, pname, pr)
+        if kept is not None:
+            ref = {"status": "ok", "scores": kept}
+    else:
+        prob = build_problem(pname, n_train, n_test, args.train_epochs)
+        entry = {"problem": prob["info"] | {"device": args.device}, "methods": {}, "anchors": {}}
+        if not with_ref:
+            entry["reference"] = {"status": "not run", "error": "not requested (`--reference no`)"
+                                  if args.reference == "no" else "not affordable on a 2-core machine: the float64 "
+                                  "reference needs hundreds of float64 passes over the training data"}
+        entry["machine"] = machine
+        if args.anchors is None and not args.quick:
+            for aname, why in NOT_RUN.get(pname, {}).items():
+                entry["anchors"][aname] = {"name": aname, "status": "not run", "error": why}
+        record["problems"][pname] = entry
     python_anchor = args.anchor_python
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         torch.save(prob, tmp / "problem.pt")
         common = {"problem": str(tmp / "problem.pt"), "threads": args.threads, "device": args.device}
-        ref_job = {**common, "name": "reference", "dtype": "float64", "n_test": args.ref_test, "epochs": False,
-                   # plain block CG: on these models the EK-FAC preconditioner triples CG's iterations (cg+ekfac
-                   # against cg in the record of 2026-12-02, and probes.json), and one block product serves all rows
-                   "kw": {"method": "cg", "tol": 1e-8, "max_iter": 3000, "chunk_size": 500}}
+        ref_job = {**common, **reference_job(args.ref_test)}
         scores: dict[str, torch.Tensor] = {}
-        ref: dict = {}
         # the cheap methods first, then the anchors, the reference, the costly ones: a run cut short keeps the most
         order = [m for m in methods if m.startswith("ekfac")] + [("anchor", a) for a in anchors]
         order += ["reference"] if with_ref else []
@@ -461,6 +531,8 @@ def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
                 print(f"{pname}: reference (float64 block CG, true residual 1e-8) ...", flush=True)
                 ref = run_job(ref_job, tmp, args.ref_timeout)
                 entry["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
+                if ref.get("status") == "ok":
+                    save_reference(out_path, pname, ref["scores"], entry["problem"])
                 print("  ", entry["reference"].get("status"), entry["reference"].get("time_s"),
                       entry["reference"].get("error", ""), flush=True)
             elif isinstance(name, tuple):
@@ -475,6 +547,8 @@ def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
                     res = {"name": aname, "status": "not run", "error": f"no anchors' Python at {python_anchor}"}
                 if "scores" in res:
                     scores[aname] = res.pop("scores")
+                if args.merge:
+                    res["run"] = run_id
                 entry["anchors"][aname] = res
                 print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
                              if k in SHOWN}, flush=True)
@@ -488,6 +562,8 @@ def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
                     scores[name] = res.pop("scores")
                 if res.get("status") == "ok":
                     res.pop("traceback", None)
+                if args.merge:
+                    res["run"] = run_id
                 entry["methods"][name] = res
                 print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
                              if k in SHOWN}, flush=True)
@@ -498,14 +574,75 @@ def run_problem(pname: str, args, record: dict, out_path: Path) -> None:
                 if "ekfac" in scores and m != "ekfac":  # against exact EK-FAC (its own rows): cheap, always there
                     target["vs_exact_ekfac"] = agreement(S, scores["ekfac"])
             entry["comparisons"] = comparisons(entry)
-            entry["total_s"] = time.perf_counter() - t_start
+            if not args.merge:
+                entry["total_s"] = time.perf_counter() - t_start
             atomic_write_json(out_path, record)  # after every step: a run cut short still leaves its results
+
+
+def add_reference(pname: str, args, record: dict, out_path: Path, machine: dict) -> None:
+    """Add the float64 reference to a recorded problem without timing anything again (``--add-reference``).
+
+    The problem is rebuilt (seeded: the same training run, checked against the recorded test accuracy and size),
+    the reference is solved, and every method and anchor that ran is run once more on the reference rows only
+    (``--ref-test``, no epoch timing) for the scores that its ``accuracy`` compares with the reference. The recorded
+    times, memory and epochs stay as they were measured; ``reference["added"]`` says when, on which machine and with
+    which command the accuracies were added. The scores depend on the problem and the method's settings, not on
+    the machine (up to float32 rounding), so this step does not need a quiet machine."""
+    entry = record["problems"][pname]
+    pr = entry["problem"]
+    prob = build_problem(pname, pr["n_train"], pr["n_test"], pr["train_epochs"])
+    same_problem(pname, entry, prob, "--add-reference")
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        torch.save(prob, tmp / "problem.pt")
+        common = {"problem": str(tmp / "problem.pt"), "threads": args.threads, "device": args.device}
+        print(f"{pname}: reference (float64 block CG, true residual 1e-8) ...", flush=True)
+        ref = run_job({**common, **reference_job(args.ref_test)}, tmp, args.ref_timeout)
+        entry["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
+        entry["reference"]["added"] = {"machine": machine, "note": (
+            "added after the timed run: each method and anchor was run again on the reference rows for its scores; "
+            "its times are those of the timed run")}
+        print("  ", entry["reference"].get("status"), entry["reference"].get("time_s"),
+              entry["reference"].get("error", ""), flush=True)
+        atomic_write_json(out_path, record)
+        if ref.get("status") != "ok":
+            return
+        save_reference(out_path, pname, ref["scores"], pr)
+        todo = [("methods", n) for n, m in entry["methods"].items() if m.get("status") == "ok" and n in METHODS]
+        todo += [("anchors", a) for a, m in entry["anchors"].items() if m.get("status") == "ok" and a in ANCHORS]
+        for group, name in todo:
+            job = {**common, "name": name, "dtype": "float32", "epochs": False, "n_test": args.ref_test}
+            if group == "methods":
+                job["kw"] = METHODS[name][0]
+                python = sys.executable
+            else:
+                job["anchor"] = list(ANCHORS[name][:3])
+                python = args.anchor_python
+            print(f"{pname}: scores of {name} on the reference rows ...", flush=True)
+            res = run_job(job, tmp, args.timeout, python=python)
+            target = entry[group][name]
+            if res.get("status") == "ok":
+                target["accuracy"] = agreement(res.pop("scores"), ref["scores"]) | {"rescored": True}
+            else:
+                target["accuracy"] = {"status": res.get("status"), "error": res.get("error"), "rescored": True}
+            print("  ", target["accuracy"], flush=True)
+            entry["comparisons"] = comparisons(entry)
+            atomic_write_json(out_path, record)
+
+
+def reference_job(ref_test: int) -> dict:
+    """The float64 reference's job: plain block CG to a true relative residual of 1e-8 on the first ``ref_test``
+    test points (on these models the EK-FAC preconditioner triples CG's iterations: cg+ekfac against cg in the
+    record of 2026-12-02, and probes.json; one block product serves all rows)."""
+    return {"name": "reference", "dtype": "float64", "n_test": ref_test, "epochs": False,
+            "kw": {"method": "cg", "tol": 1e-8, "max_iter": 3000, "chunk_size": 500}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--problem", default="lenet,resnet", help=f"comma-separated subset of {list(PROBLEMS)}")
+    ap.add_argument("--problem", default=None, help=f"comma-separated subset of {list(PROBLEMS)} (default: all; "
+                    "with --add-reference, those where the reference is affordable)")
     ap.add_argument("--quick", action="store_true", help="1,000 training points, fewer methods, no anchors")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per measurement (default 1: on a shared machine, 2 threads on busy cores "
@@ -523,6 +660,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-timeout", type=float, default=3000.0, help="seconds for the reference")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model, data and every method run")
+    ap.add_argument("--add-reference", action="store_true",
+                    help="time nothing: add the float64 reference to the recorded --problem entries (each method and "
+                    "anchor is run again on the reference rows for its accuracy; the recorded times stay)")
+    ap.add_argument("--merge", action="store_true",
+                    help="measure only the --methods and --anchors named and add them to the recorded --problem "
+                    "entries (their accuracy against the kept float64 reference, if there is one); the rest stays")
     ap.add_argument("--recompare", action="store_true",
                     help="measure nothing: recompute the comparisons of the recorded problems (e.g. after a change "
                     "to how they are drawn) and rewrite the file")
@@ -541,7 +684,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here")
-    problems = args.problem.split(",")
+    problems = args.problem.split(",") if args.problem else [
+        p for p in PROBLEMS if DEFAULT_REFERENCE[p] or not args.add_reference]
     unknown = [p for p in problems if p not in PROBLEMS]
     unknown += [m for m in (args.methods.split(",") if args.methods else []) if m not in METHODS]
     unknown += [a for a in (args.anchors.split(",") if args.anchors and args.anchors != "none" else [])
@@ -557,14 +701,29 @@ def main(argv=None) -> int:
     # other problems' results already in the file are kept: one problem can be rerun alone
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
     record = {"machine": machine_info(args.threads), "problems": old.get("problems", {})}
+    machine = record["machine"]
+    if args.add_reference or args.merge:  # the record stays that of the timed run; this machine goes with the step
+        record = {**old, "problems": record["problems"]}
     if args.device != "cpu":
         record["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    if args.add_reference or args.merge:
+        missing = [p for p in problems if p not in record["problems"]]
+        if missing:
+            ap.error(f"--add-reference / --merge: no recorded entry for {missing} in {out_path}")
+        if args.add_reference and args.merge:
+            ap.error("--add-reference and --merge are separate steps: run one, then the other")
+        if args.merge and not (args.methods or args.anchors and args.anchors != "none"):
+            ap.error("--merge measures only what --methods and --anchors name: name at least one")
     t_start = time.perf_counter()
     for pname in problems:
-        run_problem(pname, args, record, out_path)
-    record["total_s"] = time.perf_counter() - t_start
+        if args.add_reference:
+            add_reference(pname, args, record, out_path, machine)
+            continue
+        run_problem(pname, args, record, out_path, machine)
+    if not (args.add_reference or args.merge):
+        record["total_s"] = time.perf_counter() - t_start
     atomic_write_json(out_path, record)
-    print(f"wrote {out_path} ({record['total_s']:.0f} s)")
+    print(f"wrote {out_path} ({time.perf_counter() - t_start:.0f} s)")
     return 0
 
 

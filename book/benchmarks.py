@@ -406,11 +406,21 @@ else:
                                    "its anchor / ours (wall)": "{:.1f}x"}, na_rep="–")
                     .hide(axis="index"))
         ref = entry.get("reference", {})
+        wrap = lambda cmd: cmd.replace(' --', ' ' + chr(92) + chr(10) + '    --')  # noqa: E731
+        ref_text = f"The float64 reference: {ref.get('status', 'not run')}" + (
+            f" ({ref['error']})" if ref.get("error") else
+            f" ({ref['n_test']} test points, {ref['time_s']:.0f} s)" if ref.get("status") == "ok" else "") + "."
+        added = ref.get("added")
+        if added:
+            ref_text += (f" It was added after the timed run ({added['machine']['time_utc'][:10]}): every method and "
+                         f"anchor ran again on the reference rows for its scores, and the times above are those of "
+                         f"the timed run. The command that added it:\n\n```\n{wrap(added['machine']['command'])}\n```"
+                         f"\n\nThe timed run's command:")
+        else:
+            ref_text += " The command:"
         display(Markdown(f"Measured on {mc['cpu_count']} cores, {mc['torch_threads']} torch thread(s) per "
-                         f"measurement (load average {mc['loadavg_1_5_15'][0]:.1f} at the start). The float64 "
-                         f"reference: {ref.get('status', 'not run')}" + (f" ({ref['error']})" if ref.get("error")
-                                                                         else "") + ". The command:"
-                         f"\n\n```\n{mc['command'].replace(' --', ' ' + chr(92) + chr(10) + '    --')}\n```"))
+                         f"measurement (load average {mc['loadavg_1_5_15'][0]:.1f} at the start). {ref_text}"
+                         f"\n\n```\n{wrap(mc['command'])}\n```"))
 
 # %% [markdown]
 # ## Newton-converged leave-one-out (`newton_loo.py`)

@@ -16,6 +16,9 @@ curvlinops API used
 * Operators can be added (``A + B``) and scaled; weight decay and damping are
   added as a scaled-identity operator (a 10-line ``PyTorchLinearOperator``
   subclass below): H_total + λI = H_data + (wd + λ) I exactly.
+* ``GGNLinearOperator(model_func, loss_func, params, data)``: the generalised Gauss-Newton matrix of the same
+  mean loss, for ``curvature="ggn"`` (exact / cg / lissa; default ``"hessian"``). ``batch_size`` splits the
+  training data into mini-batches that the operators loop over (the same matrix, less memory per product).
 * ``CGInverseLinearOperator(A, **linear_cg_kwargs)`` — batched CG from GPyTorch's
   ``linear_operator.utils.linear_cg``. NOTE: its default ``tolerance`` comes from
   ``linear_operator.settings.cg_tolerance`` which is 1.0 (relative residual),
@@ -50,6 +53,7 @@ try:
     from curvlinops import (
         CGInverseLinearOperator,
         EKFACLinearOperator,
+        GGNLinearOperator,
         HessianLinearOperator,
         KFACInverseLinearOperator,
         KFACLinearOperator,
@@ -106,9 +110,18 @@ def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _hessian_op(model, loss_fn, train):
-    return HessianLinearOperator(model, _MeanLoss(loss_fn), _params(model), [train],
-                                 check_deterministic=False)
+def _batches(data, batch_size: int | None) -> list:
+    X, y = data
+    if batch_size is None or batch_size >= X.shape[0]:
+        return [data]
+    return [(X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, X.shape[0], batch_size)]
+
+
+def _hessian_op(model, loss_fn, train, curvature: str = "hessian", batch_size: int | None = None):
+    cls = {"hessian": HessianLinearOperator, "ggn": GGNLinearOperator}.get(curvature)
+    if cls is None:
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    return cls(model, _MeanLoss(loss_fn), _params(model), _batches(train, batch_size), check_deterministic=False)
 
 
 def _damped(op, model, alpha):
@@ -132,7 +145,8 @@ def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
            cg_iters: int = 200, cg_tol: float = 1e-10,
            lissa_depth: int = 1000, lissa_scale: float = 10.0,
            fisher_type: str = "type-2",
-           separate_weight_and_bias: bool = True, **_ignored) -> Tensor:
+           separate_weight_and_bias: bool = True, curvature: str = "hessian", batch_size: int | None = None,
+           **_ignored) -> Tensor:
     C.check_method(method, methods())
     model.eval()
     n = train[0].shape[0]
@@ -141,7 +155,7 @@ def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
     Gte = C.per_sample_grads(model, loss_fn, test)
     p = Gtr.shape[1]
     if method in ("exact", "cg", "lissa"):
-        A = _damped(_hessian_op(model, loss_fn, train), model, alpha)
+        A = _damped(_hessian_op(model, loss_fn, train, curvature, batch_size), model, alpha)
         if method == "exact":
             dense = A @ torch.eye(p, dtype=Gtr.dtype, device=Gtr.device)
             S = torch.linalg.solve(dense, Gte.T)

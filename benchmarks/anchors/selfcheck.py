@@ -130,6 +130,19 @@ def main(argv=None):
             print(f"{name:<16}{method:<9}{r:>10.6f}{rel:>13.2e}{dt_:>9.3f}  {note}")
             if method in EXACT_LIKE and not (r > 0.999 and rel < 1e-3):
                 failures.append((name, method, r))
+    # curvlinops on the Gauss-Newton matrix (scale.py's curvature): CG in mini-batches against our exact GGN scores
+    cl = ADAPTERS.get("curvlinops")
+    if cl is not None and cl.AVAILABLE and (not only or "curvlinops" in only):
+        import influence_lib as il
+
+        ggn_ref = il.influence(model, F.cross_entropy, train, test, method="exact", curvature="gauss-newton",
+                               damping=lam, weight_decay=wd)
+        s = cl.scores("cg", model, F.cross_entropy, train, test, damping=lam, weight_decay=wd, cg_iters=500,
+                      cg_tol=1e-12, curvature="ggn", batch_size=17)
+        r, rel = pearson(s, ggn_ref), float((s - ggn_ref).abs().max() / ggn_ref.abs().max())
+        print(f"{'curvlinops':<16}{'cg (GGN)':<9}{r:>10.6f}{rel:>13.2e}  vs influence_lib's exact Gauss-Newton")
+        if not (r > 0.999 and rel < 1e-6):
+            failures.append(("curvlinops", "cg-ggn", r))
     # EK-FAC cross-check: the same approximation (empirical Fisher, weight & bias in
     # one Kronecker block) from different libraries should agree to round-off.
     ek = {}
