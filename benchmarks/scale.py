@@ -454,8 +454,8 @@ def run_of(entry: dict, m: dict) -> str:
 
 
 def reference_path(out_path: Path, pname: str) -> Path:
-    """Where the float64 reference's scores of a problem are kept, next to the record (a few hundred kB): a later
-    ``--merge`` or ``--recompare`` measures accuracy against them without solving again."""
+    """Where the float64 reference's scores of a problem are kept, next to the record (about 100 kB): a later
+    ``--merge`` measures accuracy against them without solving again."""
     return out_path.with_name(f"{out_path.stem}_reference_{pname}.pt")
 
 
@@ -486,6 +486,14 @@ def same_problem(pname: str, entry: dict, prob: dict, flag: str) -> None:
                          f"{changed}); rerun the whole problem")
 
 
+def rebuild_recorded(pname: str, entry: dict, flag: str) -> dict:
+    """The recorded problem built again (seeded: the same training run), checked against the record."""
+    pr = entry["problem"]
+    prob = build_problem(pname, pr["n_train"], pr["n_test"], pr["train_epochs"])
+    same_problem(pname, entry, prob, flag)
+    return prob
+
+
 def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -> None:
     """Measure the methods and anchors of one problem and write the record after each. ``--merge``: measure only
     those named, add them to the recorded entry (each marked with its ``run``) and keep everything else."""
@@ -504,12 +512,10 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
     ref: dict = {}
     if args.merge:
         entry = record["problems"][pname]
-        pr = entry["problem"]
-        prob = build_problem(pname, pr["n_train"], pr["n_test"], pr["train_epochs"])
-        same_problem(pname, entry, prob, "--merge")
+        prob = rebuild_recorded(pname, entry, "--merge")
         run_id = machine["time_utc"]
-        entry.setdefault("runs", {})[run_id] = machine
-        kept = load_reference(out_path, pname, pr)
+        entry.setdefault("runs", {})[run_id] = machine | {"measured": methods + anchors}
+        kept = load_reference(out_path, pname, entry["problem"])
         if kept is not None:
             ref = {"status": "ok", "scores": kept}
     else:
@@ -599,8 +605,7 @@ def add_reference(pname: str, args, record: dict, out_path: Path, machine: dict)
     the machine (up to float32 rounding), so this step does not need a quiet machine."""
     entry = record["problems"][pname]
     pr = entry["problem"]
-    prob = build_problem(pname, pr["n_train"], pr["n_test"], pr["train_epochs"])
-    same_problem(pname, entry, prob, "--add-reference")
+    prob = rebuild_recorded(pname, entry, "--add-reference")
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         torch.save(prob, tmp / "problem.pt")
@@ -711,10 +716,10 @@ def main(argv=None) -> int:
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
     record = {"machine": machine_info(args.threads), "problems": old.get("problems", {})}
     machine = record["machine"]
+    if args.device != "cpu":
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     if args.add_reference or args.merge:  # the record stays that of the timed run; this machine goes with the step
         record = {**old, "problems": record["problems"]}
-    if args.device != "cpu":
-        record["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     if args.add_reference or args.merge:
         missing = [p for p in problems if p not in record["problems"]]
         if missing:

@@ -430,9 +430,13 @@ else:
                          f"\n\nThe timed run's command:")
         else:
             ref_text += " The command:"
+        later = "".join(
+            f"\n\nMeasured in a later run ({run[:10]}, on the same kind of machine, every pair in it set against "
+            f"each other only): " + ", ".join(f"`{n}`" for n in r.get("measured", [])) + f". Its command:"
+            f"\n\n```\n{wrap(r['command'])}\n```" for run, r in entry.get("runs", {}).items())
         display(Markdown(f"Measured on {mc['cpu_count']} cores, {mc['torch_threads']} torch thread(s) per "
                          f"measurement (load average {mc['loadavg_1_5_15'][0]:.1f} at the start). {ref_text}"
-                         f"\n\n```\n{wrap(mc['command'])}\n```"))
+                         f"\n\n```\n{wrap(mc['command'])}\n```" + later))
 
 # %% [markdown]
 # ## Newton-converged leave-one-out (`newton_loo.py`)
