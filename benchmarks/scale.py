@@ -453,6 +453,17 @@ def run_of(entry: dict, m: dict) -> str:
     return m.get("run", entry["machine"]["time_utc"])
 
 
+def start_run(entry: dict, run_id: str, machine: dict, names: list[str]) -> None:
+    """Record a ``--merge`` run of ``names`` in ``entry["runs"]``: what it measures leaves the earlier runs' lists (it
+    replaces their measurements), and a run left with nothing measured is dropped."""
+    runs = entry.setdefault("runs", {})
+    for rid in list(runs):
+        runs[rid]["measured"] = [m for m in runs[rid].get("measured", []) if m not in names]
+        if not runs[rid]["measured"]:
+            del runs[rid]
+    runs[run_id] = machine | {"measured": list(names)}
+
+
 def reference_path(out_path: Path, pname: str) -> Path:
     """Where the float64 reference's scores of a problem are kept, next to the record (about 100 kB): a later
     ``--merge`` measures accuracy against them without solving again."""
@@ -514,7 +525,7 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
         entry = record["problems"][pname]
         prob = rebuild_recorded(pname, entry, "--merge")
         run_id = machine["time_utc"]
-        entry.setdefault("runs", {})[run_id] = machine | {"measured": methods + anchors}
+        start_run(entry, run_id, machine, methods + anchors)
         kept = load_reference(out_path, pname, entry["problem"])
         if kept is not None:
             ref = {"status": "ok", "scores": kept}

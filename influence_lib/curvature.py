@@ -8,12 +8,13 @@ Damping is never part of an operator; solvers add ``damping * I`` themselves.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .objective import HVP_BLOCK, ONE_BLOCK_MAX_P, LossFn, Objective, dense_from_products
+from .objective import HVP_BLOCK, ONE_BLOCK_MAX_P, LinearizedChunk, LossFn, Objective, dense_from_products
 from .validation import check_data, check_finite, check_finite_params, check_positive_int
 
 
@@ -134,16 +135,67 @@ class HessianOperator(LinearOperator):
 
 class GaussNewtonOperator(LinearOperator):
     """Generalised Gauss-Newton matrix ``G`` of ``J`` at ``theta`` (weight decay included); ``rows``: the data term
-    averaged over those training rows only (:meth:`on_rows`, the mini-batches of stochastic solvers such as LiSSA)."""
+    averaged over those training rows only (:meth:`on_rows`, the mini-batches of stochastic solvers such as LiSSA).
 
-    def __init__(self, objective: Objective, theta: Tensor | None = None, rows: Tensor | None = None):
+    ``keep=True`` (default; full data only): from the second product on, each chunk of training rows is linearized
+    once (:meth:`Objective.linearize_chunk`) and its forward pass's intermediates are kept, while they fit in
+    :attr:`keep_budget` bytes; every later product of a kept chunk runs only the tangent pass and its transpose, the
+    chunks beyond the budget are recomputed as before. On the LeNet of ``benchmarks/scale.py`` (46,730 parameters,
+    500-row chunks, one CPU thread) a product then costs about 1.0 s instead of 2.3-3.1 s, for about 80 MB kept per
+    chunk; linearizing costs about half a second per chunk, once, which the first product does not pay (a single
+    product is not worth it). The results agree with the recomputed products to rounding error. A model that
+    :func:`torch.func.linearize` cannot trace (data-dependent control flow) is recomputed, with a warning.
+    """
+
+    #: bytes of kept intermediates (the linearized chunks' tensors) a full-data operator may hold
+    keep_budget = 1 << 30
+
+    def __init__(self, objective: Objective, theta: Tensor | None = None, rows: Tensor | None = None,
+                 *, keep: bool = True):
         self.objective = objective
         self.theta = objective.theta() if theta is None else theta
         self.rows = rows
         self.size, self.dtype, self.device = objective.p, self.theta.dtype, self.theta.device
+        self.keep = keep and rows is None
+        self._kept: list[LinearizedChunk] | None = None  # the linearized chunks, in chunk order (a prefix)
+        self.kept_bytes = 0
+        self._products = 0
 
     def matmat(self, V: Tensor) -> Tensor:
-        return self.objective.gnvp(self.theta, V, self.rows)
+        self._products += 1
+        if not self.keep or self._products == 1:
+            return self.objective.gnvp(self.theta, V, self.rows)
+        obj = self.objective
+        out = obj.weight_decay * V
+        building = self._kept is None
+        if building:
+            self._kept = []
+        for i, sl in enumerate(obj.chunks()):
+            if i < len(self._kept):
+                out = out + obj.gnvp_linearized(self._kept[i], V)
+                continue
+            if building and self.keep:
+                chunk = self._linearize(sl)
+                if chunk is not None:
+                    out = out + obj.gnvp_linearized(chunk, V)
+                    size = kept_nbytes(chunk)
+                    if self.kept_bytes + size <= self.keep_budget:
+                        self._kept.append(chunk)
+                        self.kept_bytes += size
+                    else:
+                        building = False  # the budget is spent: the remaining chunks are recomputed
+                    continue
+            out = out + obj._gnvp_chunk(self.theta, obj.X[sl], obj.y[sl], (sl.stop - sl.start) / obj.n, V)
+        return out
+
+    def _linearize(self, sl: slice) -> LinearizedChunk | None:
+        try:
+            return self.objective.linearize_chunk(self.theta, sl)
+        except Exception as err:  # noqa: BLE001 - any tracing failure: the products are recomputed instead
+            warnings.warn(f"GaussNewtonOperator: torch.func.linearize could not trace the model ({type(err).__name__}: "
+                          f"{err}); each product recomputes the forward pass instead", stacklevel=3)
+            self.keep = False
+            return None
 
     def on_rows(self, rows: Tensor) -> GaussNewtonOperator:
         return GaussNewtonOperator(self.objective, self.theta, rows)
@@ -151,6 +203,26 @@ class GaussNewtonOperator(LinearOperator):
     @property
     def n_rows(self) -> int:
         return self.objective.n
+
+
+def kept_nbytes(chunk: LinearizedChunk) -> int:
+    """Bytes of the tensors a linearized chunk holds (its outputs and the constants of its traced tangent pass),
+    each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def add(t: Tensor) -> None:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+
+    add(chunk.outputs)
+    for cell in chunk.jvp_fn.__closure__ or ():
+        obj = cell.cell_contents
+        if isinstance(obj, nn.Module):
+            for t in (*obj.parameters(), *obj.buffers()):
+                add(t)
+        elif isinstance(obj, Tensor):
+            add(obj)
+    return sum(seen.values())
 
 
 def hessian(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -22,11 +23,25 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
 
 from .validation import check_data, check_labels, check_loss_fn, check_model, check_nonneg, check_positive_int
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class LinearizedChunk:
+    """A chunk of training rows linearized at fixed parameters (:meth:`Objective.linearize_chunk`).
+
+    ``outputs``: the model outputs ``[b, ...]``; ``jvp_fn``: ``v [p] -> J v [b, ...]``, with the forward pass's
+    intermediates held inside it; ``y``: the chunk's labels; ``scale``: ``b / n``, its weight in the data term.
+    """
+
+    outputs: Tensor
+    jvp_fn: Callable[[Tensor], Tensor]
+    y: Tensor
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -369,41 +384,84 @@ class Objective:
             out = out + self._gnvp_chunk(theta, X[sl], y[sl], (sl.stop - sl.start) / n, Vm)
         return out.squeeze(1) if single else out
 
+    def _h_out(self, outputs: Tensor, yc: Tensor, scale: float, reverse: bool) -> Callable[[Tensor], Tensor]:
+        """``u -> H_out u``: the Hessian of ``scale * loss_fn(., yc)`` in output space at ``outputs``, by
+        forward-over-reverse or (``reverse=True``) reverse-over-reverse (``H_out`` is symmetric)."""
+
+        def loss_out(o: Tensor) -> Tensor:
+            return self.loss_fn(o, yc) * scale
+
+        if reverse:
+            return lambda u: vjp(grad(loss_out), outputs)[1](u)[0]
+        return lambda u: jvp(grad(loss_out), (outputs,), (u,))[1]
+
+    def _with_h_out(self, product: Callable[[bool], Tensor]) -> Tensor:
+        """``product(reverse)``, forward-over-reverse first; where PyTorch cannot differentiate the loss that way
+        (``F.mse_loss``: "ZeroTensors are immutable"), reverse-over-reverse, from then on for this objective."""
+        if not self._gn_reverse:
+            try:
+                return product(False)
+            except RuntimeError as err:
+                try:
+                    out = product(True)
+                except RuntimeError:
+                    raise err from None
+                self._gn_reverse = True
+                return out
+        return product(True)
+
     def _gnvp_chunk(self, theta: Tensor, Xc: Tensor, yc: Tensor, scale: float, Vm: Tensor) -> Tensor:
 
         def outputs_of(t: Tensor) -> Tensor:
             return self.forward(t, Xc)
 
-        def loss_out(o: Tensor) -> Tensor:
-            return self.loss_fn(o, yc) * scale
-
         outputs, pullback = vjp(outputs_of, theta)
 
-        def h_out_forward(jv: Tensor) -> Tensor:  # H_out jv by forward-over-reverse
-            return jvp(grad(loss_out), (outputs,), (jv,))[1]
+        def product(reverse: bool) -> Tensor:
+            h_out = self._h_out(outputs, yc, scale, reverse)
 
-        def h_out_reverse(jv: Tensor) -> Tensor:  # H_out jv = (jv^T H_out)^T by reverse-over-reverse (H_out symmetric)
-            return vjp(grad(loss_out), outputs)[1](jv)[0]
-
-        def gv_with(h_out: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
             def gv(v: Tensor) -> Tensor:
                 jv = jvp(outputs_of, (theta,), (v,))[1]
                 return pullback(h_out(jv))[0]
-            return gv
 
-        if not self._gn_reverse:
-            try:
-                return vmap(gv_with(h_out_forward), in_dims=1, out_dims=1)(Vm)
-            except RuntimeError as err:
-                # forward-over-reverse through some losses fails inside PyTorch (F.mse_loss: "ZeroTensors are
-                # immutable"); the same product by reverse-over-reverse, used from now on for this objective
-                try:
-                    out = vmap(gv_with(h_out_reverse), in_dims=1, out_dims=1)(Vm)
-                except RuntimeError:
-                    raise err from None
-                self._gn_reverse = True
-                return out
-        return vmap(gv_with(h_out_reverse), in_dims=1, out_dims=1)(Vm)
+            return vmap(gv, in_dims=1, out_dims=1)(Vm)
+
+        return self._with_h_out(product)
+
+    def linearize_chunk(self, theta: Tensor, sl: slice, n: int | None = None) -> LinearizedChunk:
+        """The outputs of training rows ``sl`` at ``theta`` and the linear map ``v -> J v`` of their Jacobian
+        (:func:`torch.func.linearize`): the forward pass is done once and its intermediates are kept, so that
+        each later Gauss-Newton product of the chunk (:meth:`gnvp_linearized`) only runs the tangent pass and its
+        transpose. ``n``: the number of rows the data term averages over (all training rows by default)."""
+        n = self.n if n is None else n
+        Xc = self.X[sl]
+        with warnings.catch_warnings():  # linearize traces with torch.fx, which warns about its own internals
+            warnings.simplefilter("ignore")
+            outputs, jvp_fn = linearize(lambda t: self.forward(t, Xc), theta.detach())
+            # the traced tangent pass folds its constants on its first call: here, outside any transform, so that the
+            # kept constants are plain tensors (folded under a later vjp they would be that transform's wrappers)
+            jvp_fn(torch.zeros_like(theta))
+        return LinearizedChunk(outputs.detach(), jvp_fn, self.y[sl], (sl.stop - sl.start) / n)
+
+    def gnvp_linearized(self, chunk: LinearizedChunk, Vm: Tensor) -> Tensor:
+        """The chunk's term of :meth:`gnvp` (no weight decay), ``[p, k]`` for ``Vm`` ``[p, k]``:
+        ``scale * J^T H_out J v`` per column, ``J v`` by the kept linear map and ``J^T u`` by reverse-mode through
+        it (the transpose of a linear map is its pullback). Columns one at a time for convolutional models
+        (vmap turns the convolutions' tangent and transposed passes into grouped convolutions, about 2x slower on
+        the CPU for the LeNet of ``benchmarks/scale.py``), batched by vmap otherwise."""
+
+        def product(reverse: bool) -> Tensor:
+            h_out = self._h_out(chunk.outputs, chunk.y, chunk.scale, reverse)
+
+            def gv(v: Tensor) -> Tensor:
+                jv, transpose = vjp(chunk.jvp_fn, v)
+                return transpose(h_out(jv))[0]
+
+            if any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+                return torch.stack([gv(Vm[:, j]) for j in range(Vm.shape[1])], dim=1)
+            return vmap(gv, in_dims=1, out_dims=1)(Vm)
+
+        return self._with_h_out(product)
 
     def hessian(self, theta: Tensor, block_size: int | None = None) -> Tensor:
         """Dense Hessian ``[p, p]`` of ``J`` at ``theta``, from HVPs on blocks of ``block_size`` unit vectors.

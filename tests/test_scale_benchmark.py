@@ -66,3 +66,15 @@ def test_adding_to_a_record_refuses_a_different_problem():
     prob["info"]["test_accuracy"] = 0.75
     with pytest.raises(SystemExit, match="differs from the recorded one"):
         scale.same_problem("lenet", entry, prob, "--merge")
+
+
+def test_a_later_merge_run_supersedes_what_it_measures_again():
+    entry = {"runs": {"r1": {"time_utc": "r1", "measured": ["cg", "curvlinops-cg"]},
+                      "r2": {"time_utc": "r2", "measured": ["arnoldi", "lissa"]}}}
+    scale.start_run(entry, "r3", {"time_utc": "r3"}, ["cg", "curvlinops-cg", "arnoldi"])
+    assert list(entry["runs"]) == ["r2", "r3"]  # r1 measured nothing that still stands
+    assert entry["runs"]["r2"]["measured"] == ["lissa"]
+    assert entry["runs"]["r3"] == {"time_utc": "r3", "measured": ["cg", "curvlinops-cg", "arnoldi"]}
+    fresh: dict = {}
+    scale.start_run(fresh, "r4", {"time_utc": "r4"}, ["cg"])
+    assert fresh["runs"] == {"r4": {"time_utc": "r4", "measured": ["cg"]}}
