@@ -430,7 +430,7 @@ else:
             best = max(kf, key=kf.get)
             ref_text += (f" Against it, on its {ref['n_test']} test points, the Kronecker-factored methods of every "
                          f"library (EK-FAC and K-FAC) reach a Pearson correlation of at most {kf[best]:.3f} "
-                         f"(`{best}`), our CG at tolerance $10^{{-3}}$ at least {min(kr.values()):.6f}: on this "
+                         f"(`{best}`), our CG (tolerance $10^{{-3}}$ or tighter) at least {min(kr.values()):.6f}: on this "
                          "network the Kronecker factorisation, not the solver's tolerance, limits the accuracy.")
         added = ref.get("added")
         if added:
