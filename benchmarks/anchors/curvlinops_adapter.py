@@ -164,8 +164,11 @@ def scores(method: str, model: nn.Module, loss_fn: Callable, train, test, *,
             # below stop_updating_after=1e-10 and treats alpha/beta < eps=1e-10 as zero;
             # with the defaults the solve stalls at ~1e-5 relative error here, so both
             # are tightened along with the tolerance.
+            # max_tridiag_iter (a Lanczos by-product linear_cg does not compute here, n_tridiag=0) defaults to 20 and
+            # must not exceed max_iter: a loose tolerance that needs fewer than 20 steps is refused otherwise
             S = CGInverseLinearOperator(A, max_iter=cg_iters, tolerance=cg_tol,
-                                        stop_updating_after=cg_tol * 1e-3, eps=1e-30) @ Gte.T
+                                        stop_updating_after=cg_tol * 1e-3, eps=1e-30,
+                                        max_tridiag_iter=min(cg_iters, 20)) @ Gte.T
         else:
             S = NeumannInverseLinearOperator(A, num_terms=lissa_depth,
                                              scale=1.0 / lissa_scale) @ Gte.T
