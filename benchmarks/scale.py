@@ -230,7 +230,7 @@ NOT_RUN["resnet"] = {
 KRYLOV_AT_SCALE = ("left out by default on a 2-core machine: on the LeNet, CG to 1e-3 on 3 test points costs about 70 "
                    "training-epoch equivalents (Arnoldi about 80, the anchors' CG about 220); on the ResNet, with 11 "
                    "times the parameters and 4 to 12 s per epoch here, that is one to several hours per method and "
-                   "anchor: run it with --methods where a GPU is available")
+                   "anchor: run it with `--methods` where a GPU is available")
 NOT_RUN_METHODS = {"resnet": {m: KRYLOV_AT_SCALE for m in ("cg", "cg-tol5e-4", "cg+ekfac", "lissa", "arnoldi")}}
 DEFAULT_ANCHORS = {"lenet": tuple(a for a in ANCHORS if a not in NOT_RUN["lenet"]),
                    "resnet": ("kronfluence-ekfac", "curvlinops-ekfac", "curvlinops-kfac")}

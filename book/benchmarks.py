@@ -409,12 +409,17 @@ else:
             {"test points": "{:.0f}", "time (s)": "{:.1f}", "epochs (wall)": "{:.1f}", "epochs (CPU)": "{:.1f}",
              "peak RSS (MB)": "{:.0f}", "Pearson vs reference": "{:.4f}", "Pearson vs exact EK-FAC": "{:.4f}"},
             na_rep="–").hide(axis="index"))
-        failed = [f"`{name}`: {ANSI.sub('', str(m.get('error', m.get('status'))))}"
-                  for group in (entry["methods"], entry.get("anchors", {}))
-                  for name, m in group.items() if m.get("status") != "ok"]
-        if failed:
-            display(Markdown("Not measured: " + "; ".join(failed) + "."))
+        reasons: dict[str, list[str]] = {}  # one line per reason, with every method and anchor it applies to
+        for group in (entry["methods"], entry.get("anchors", {})):
+            for name, m in group.items():
+                if m.get("status") != "ok":
+                    reasons.setdefault(ANSI.sub("", str(m.get("error", m.get("status")))), []).append(f"`{name}`")
+        if reasons:
+            display(Markdown("Not measured: " + "; ".join(f"{', '.join(names)}: {why}"
+                                                           for why, names in reasons.items()) + "."))
         comp = [c for c in entry.get("comparisons", []) if c.get("status") == "ok"]
+        apart = [f"`{c['anchor']}` and `{c['ours']}` ({c['status']})" for c in entry.get("comparisons", [])
+                 if str(c.get("status", "")).startswith("measured in different runs")]
         if comp:
             display(pd.DataFrame([{"anchor": c["anchor"], "ours": c["ours"], "anchor / ours (wall)": c["speedup"],
                                    "anchor / ours (CPU)": c["speedup_cpu"], "anchor Pearson": c["anchor_pearson"],
@@ -426,13 +431,16 @@ else:
                                    "anchor Pearson": "{:.4f}", "ours Pearson": "{:.4f}",
                                    "its anchor / ours (wall)": "{:.1f}x"}, na_rep="–")
                     .hide(axis="index"))
+        if apart:
+            display(Markdown("Not set against each other, since only measurements of one run are compared: "
+                             + "; ".join(apart) + "."))
         ref = entry.get("reference", {})
         wrap = lambda cmd: cmd.replace(' --', ' ' + chr(92) + chr(10) + '    --')  # noqa: E731
         ref_text = f"The float64 reference: {ref.get('status', 'not run')}" + (
             f" ({ref['error']})" if ref.get("error") else
             f" ({ref['n_test']} test points, {ref['time_s']:.0f} s)" if ref.get("status") == "ok" else "") + "."
         kf = {n: (m.get("accuracy") or {}).get("pearson") for g in (entry["methods"], entry.get("anchors", {}))
-              for n, m in g.items() if "kfac" in n}
+              for n, m in g.items() if "kfac" in n and not n.startswith("cg")}  # cg+ekfac is a CG
         kr = {n: (m.get("accuracy") or {}).get("pearson") for n, m in entry["methods"].items() if n.startswith("cg")}
         kf, kr = {n: v for n, v in kf.items() if v is not None}, {n: v for n, v in kr.items() if v is not None}
         if kf and kr:
