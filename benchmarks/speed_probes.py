@@ -9,15 +9,19 @@ MNIST MLP of the book's chapter), the evidence behind the choices made in ``infl
 1. ``profile``: a ``torch.profiler`` breakdown of a block of 16 products on the kept gradient graph — the share
    of self CPU time in convolution kernels, in the per-sample loop that ``vmap`` falls back to for the
    convolution double-backward (``select``/``stack``/``cat``), and elsewhere.
-2. ``dense_hessian``: three ways of assembling the dense Hessian from products, interleaved, median of 3:
-   reverse-over-reverse on one kept graph, blocks of 16 columns (the library's way); the same on a graph of
-   8 replicated parameter vectors (``vmap`` over the parameters turns convolutions into grouped convolutions,
-   so the double-backward needs no per-sample loop); forward-over-reverse (``jvp`` of ``grad``), ``vmap`` over
-   16 columns. All three agree to rounding (the largest difference is recorded).
-3. ``cg_steps``: steps to relative residual 1e-8 for the comparison's test-gradient right-hand sides on the
+2. ``dense_hessian``: four ways of assembling the dense Hessian from products, interleaved, median of 3:
+   layer by layer (the library's way, ``Objective.hessian``: each layer's columns by reverse-over-reverse on the
+   graph downstream of that layer, the rest by symmetry); reverse-over-reverse on one kept graph of the whole
+   network, blocks of 16 columns (the library's way before); the same on a graph of 8 replicated parameter vectors
+   (``vmap`` over the parameters turns convolutions into grouped convolutions, so the double-backward needs no
+   per-sample loop); forward-over-reverse (``jvp`` of ``grad``), ``vmap`` over 16 columns. All agree to rounding
+   (the largest difference from the whole-graph way is recorded).
+3. ``layer_columns``: for each parameter group of the layer-by-layer assembly, the measured cost of its columns
+   (products on the graph downstream of it) relative to products on the whole graph, beside the library's estimate.
+4. ``cg_steps``: steps to relative residual 1e-8 for the comparison's test-gradient right-hand sides on the
    dense damped Hessian: standard CG (one Krylov space per column), block CG (``influence_lib``'s default),
    and CG preconditioned with EK-FAC (the Gauss-Newton approximation as preconditioner).
-4. ``compile`` (skip with ``--no-compile``): ``torch.compile`` of the forward-over-reverse product on the small
+5. ``compile`` (skip with ``--no-compile``): ``torch.compile`` of the forward-over-reverse product on the small
    CNN — compilation time (cold: a fresh inductor cache) and time per product, compiled vs eager.
 
 Writes ``benchmarks/results/probes.json`` atomically; the book's benchmark appendix renders it.
@@ -119,15 +123,44 @@ def hessian_fwd_over_rev(obj: Objective, k: int = 16) -> torch.Tensor:
     return (M + M.T) / 2
 
 
+#: the ways of assembling the dense Hessian that the probe times: influence_lib's (``Objective.hessian``: each layer's
+#: columns on the graph downstream of it) and every column by reverse-over-reverse on the whole graph (the way before)
+LAYERWISE = "layer by layer, blocks of 16 (influence_lib)"
+WHOLE_GRAPH = "reverse-over-reverse on the whole graph, blocks of 16"
+
+
 def dense_variants(obj: Objective, repeats: int) -> dict:
     theta = obj.theta()
-    fns = {"reverse-over-reverse, blocks of 16 (influence_lib)": lambda: obj.hessian(theta),
+    fns = {LAYERWISE: lambda: obj.hessian(theta),
+           WHOLE_GRAPH: lambda: dense_from_products(obj.hvp_operator(theta), theta, obj.p),
            "replicated parameters (8), reverse-over-reverse": lambda: hessian_replicated(obj),
            "forward-over-reverse, vmap over 16": lambda: hessian_fwd_over_rev(obj)}
     res = interleaved(fns, repeats)
-    ref = res["reverse-over-reverse, blocks of 16 (influence_lib)"][2]
+    ref = res[WHOLE_GRAPH][2]
     return {k: {"median_s": t, "all_s": ts, "max_abs_diff": float((out - ref).abs().max())}
             for k, (t, ts, out) in res.items()}
+
+
+def layer_columns(obj: Objective, repeats: int) -> list[dict]:
+    """Per parameter group of the layer-by-layer assembly (``Objective.parameter_groups``): its size, the library's
+    estimate of the cost of its columns relative to a product on the whole graph, and the measured ratio (16 columns
+    on the group's downstream graph against 16 on the whole graph, interleaved, median of ``repeats``)."""
+    theta = obj.theta()
+    whole = obj.hvp_operator(theta)
+    out = []
+    for g, (names, est) in enumerate(obj.parameter_groups()):
+        later = [m for grp, _ in obj.parameter_groups()[g:] for m in grp]
+        sub = obj.hvp_operator(theta, params=later)
+        k_sub = int(obj._subset(later)[0].numel())
+        V, Vs = (torch.randn(n, 16, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+                 for n in (obj.p, k_sub))
+        res = interleaved({"whole": lambda V=V: whole(V), "downstream": lambda sub=sub, Vs=Vs: sub(Vs)}, repeats)
+        size = int(obj._subset(list(names))[0].numel())
+        out.append({"parameters": list(names), "size": size, "estimated_cost": est,
+                    "measured_cost": res["downstream"][0] / res["whole"][0],
+                    "ms_per_column_whole": res["whole"][0] / 16 * 1e3,
+                    "ms_per_column_downstream": res["downstream"][0] / 16 * 1e3})
+    return out
 
 
 # --- 3. CG steps ------------------------------------------------------------------------------------
@@ -209,6 +242,10 @@ def main() -> int:
         entry["dense_hessian"] = dense_variants(obj, args.repeats)
         for k, v in entry["dense_hessian"].items():
             print(f"  dense Hessian, {k}: {v['median_s']:.3f} s (max diff {v['max_abs_diff']:.1e})", flush=True)
+        entry["layer_columns"] = layer_columns(obj, args.repeats)
+        for r in entry["layer_columns"]:
+            print(f"  columns of {r['parameters']}: {r['measured_cost']:.3f} of a whole product "
+                  f"(estimated {r['estimated_cost']:.3f})", flush=True)
         entry["cg_steps"] = cg_steps(obj, test)
         print(f"  CG steps: {entry['cg_steps']}", flush=True)
         if name == "mnist-cnn-small" and not args.no_compile:

@@ -32,7 +32,8 @@
 # [kronfluence](https://github.com/pomonam/kronfluence) (torch-influence is not installable from a package
 # index and is left out), on the same trained model, data, weight decay and damping. Each measurement runs in
 # a fresh process (after an untimed warm-up on a few points, which absorbs one-off import costs), which reports
-# the wall time of the whole call and its peak memory (growth of the process's maximum resident set). Settings
+# the wall time of the whole call (the fastest of up to three calls, as many as fit in 10 s: the neighbours of a
+# shared machine only ever add time) and its peak memory (growth of the process's maximum resident set). Settings
 # are matched per method: the same LiSSA depth and scale, the same Arnoldi rank and number of Krylov steps,
 # and the anchors' CG runs the number of steps that standard CG (one Krylov space per test point) needs to reach
 # relative residual 1e-8 on the same system; `influence_lib` runs block CG (one Krylov space shared by all test
@@ -49,11 +50,17 @@
 # **Where the CNN timings come from.** For exact, CG and LiSSA on the CNNs almost all of the time is spent in
 # Hessian-vector products through the convolutions (the profile at the end of this page), so the speed of these
 # methods is the number of products times their cost. `influence_lib` cuts the number where the mathematics
-# allows it without changing the answer: CG runs as block CG, LiSSA with full-batch products assembles the
-# dense Hessian first when its known number of products exceeds the number of parameters, and any iterative
-# solver switches to the dense matrix once it has spent as many products as there are parameters. It lowers
-# their cost by multiplying blocks of vectors on a gradient graph built once. The last section lists what else
-# was measured and why it was not adopted.
+# allows it without changing the answer: CG runs as block CG, and the dense Hessian is assembled *layer by layer*.
+# With the parameters grouped by layer in the order the layers run, $S_1, \dots, S_m$, the columns of $S_g$ are
+# needed only in the rows of $T_g = S_g \cup \dots \cup S_m$ (the rest follow from symmetry), and
+# $H[T_g, S_g]$ is a block of the Hessian of the loss as a function of $T_g$ alone, the earlier layers held fixed:
+# its products run on the part of the network downstream of layer $g$, for the later layers of a CNN a small part
+# of the whole (the cost of each layer's columns is measured at the end of this page). Exact influence assembles
+# it that way; LiSSA with
+# full-batch products assembles it first when its known number of products costs more; any iterative solver
+# switches to it once its products have cost as much as the assembly. It lowers the cost of each product by
+# multiplying blocks of vectors on a gradient graph built once. The last section lists what else was measured and
+# why it was not adopted.
 
 # %% tags=["parameters", "hide-input"]
 results_dir = None  # default: benchmarks/results of the repository
@@ -84,6 +91,9 @@ def load(name):
 
 
 core, compare, probes = load("core.json"), load("compare.json"), load("probes.json")
+# the probe's names of the library's way of assembling the dense Hessian and of the way before (speed_probes.py)
+probe_layerwise = "layer by layer, blocks of 16 (influence_lib)"
+probe_whole_graph = "reverse-over-reverse on the whole graph, blocks of 16"
 
 
 def machine_text(rec):
@@ -285,7 +295,7 @@ else:
                                   "vmap fallback loop": "{:.0%}", "other": "{:.0%}"}).hide(axis="index"))
     dense_rows = []
     for e in probes["problems"]:
-        base = e["dense_hessian"]["reverse-over-reverse, blocks of 16 (influence_lib)"]["median_s"]
+        base = e["dense_hessian"][probe_layerwise]["median_s"]
         for way, v in e["dense_hessian"].items():
             dense_rows.append({"problem": e["name"], "way": way, "time (s)": v["median_s"],
                                "time / influence_lib's way": v["median_s"] / base,
@@ -294,6 +304,17 @@ else:
     display(Markdown("**Assembling the dense Hessian** (median of interleaved repeats):"))
     display(dense_df.style.format({"time (s)": "{:.3f}", "time / influence_lib's way": "{:.2f}",
                                    "max |difference|": "{:.0e}"}).hide(axis="index"))
+    layer_rows = [{"problem": e["name"], "parameters": ", ".join(r["parameters"]), "size": r["size"],
+                   "estimated cost": r["estimated_cost"], "measured cost": r["measured_cost"]}
+                  for e in probes["problems"] for r in e.get("layer_columns", [])]
+    if layer_rows:
+        display(Markdown(
+            "**The layers' columns in the layer-by-layer assembly**: the cost of a product on the graph downstream "
+            "of each layer relative to one on the whole graph (16 columns, median of interleaved repeats), beside "
+            "the library's estimate from the output sizes of the layers that run from it on (the estimate decides "
+            "when an iterative solver switches to the dense matrix):"))
+        display(pd.DataFrame(layer_rows).style.format({"estimated cost": "{:.3f}", "measured cost": "{:.3f}"})
+                .hide(axis="index"))
     cg_df = pd.DataFrame([{"problem": e["name"], "right-hand sides": e["cg_steps"]["right_hand_sides"],
                            "damping": e["cg_steps"]["damping"],
                            "standard CG steps": e["cg_steps"]["standard"]["steps"],
@@ -314,10 +335,10 @@ else:
 
 # %% tags=["hide-input"]
 if probes is not None:
-    def ratio_of(name, way):
+    def ratio_of(name, way, base=probe_whole_graph):
         e = next(e for e in probes["problems"] if e["name"] == name)
         d = e["dense_hessian"]
-        return d[way]["median_s"] / d["reverse-over-reverse, blocks of 16 (influence_lib)"]["median_s"]
+        return d[way]["median_s"] / d[base]["median_s"]
 
     rep = "replicated parameters (8), reverse-over-reverse"
     fwd = "forward-over-reverse, vmap over 16"
@@ -334,11 +355,16 @@ if probes is not None:
         "CNNs: it approximates the Gauss-Newton matrix, and on these small models it does not capture the part of "
         "the damped Hessian that slows CG down. Not adopted.",
         f"- **Replicated parameters** assemble the dense Hessian in {min(ratio_of(n, rep) for n in cnn):.2f}-"
-        f"{max(ratio_of(n, rep) for n in cnn):.2f}x the time on the CNNs but "
-        f"{min(ratio_of(n, rep) for n in mlps):.2f}-{max(ratio_of(n, rep) for n in mlps):.2f}x on the MLPs; "
+        f"{max(ratio_of(n, rep) for n in cnn):.2f}x the time of reverse-over-reverse on the whole graph on the CNNs "
+        f"and {min(ratio_of(n, rep) for n in mlps):.2f}-{max(ratio_of(n, rep) for n in mlps):.2f}x on the MLPs; "
         f"**forward-over-reverse**: {min(ratio_of(n, fwd) for n in cnn):.2f}-{max(ratio_of(n, fwd) for n in cnn):.2f}x"
         f" on the CNNs, {min(ratio_of(n, fwd) for n in mlps):.2f}-{max(ratio_of(n, fwd) for n in mlps):.2f}x on the "
-        "MLPs. Neither wins everywhere, so the library keeps one way (a per-architecture choice is possible).",
+        "MLPs. Neither is adopted.",
+        f"- **Layer by layer** (the library's way) takes {min(ratio_of(n, probe_layerwise) for n in cnn):.2f}-"
+        f"{max(ratio_of(n, probe_layerwise) for n in cnn):.2f}x the time of the whole graph on the CNNs and "
+        f"{min(ratio_of(n, probe_layerwise) for n in mlps):.2f}-{max(ratio_of(n, probe_layerwise) for n in mlps):.2f}x"
+        " on the MLPs: each product costs about as much as before, but the columns of a later layer are products on"
+        " the part of the network downstream of it, and its rows against earlier layers come from their columns.",
     ]
     if comp:
         c = comp[0]

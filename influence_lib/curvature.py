@@ -8,6 +8,7 @@ Damping is never part of an operator; solvers add ``damping * I`` themselves.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -66,9 +67,13 @@ class HessianOperator(LinearOperator):
     """``H = Hessian of J`` at ``theta`` (weight decay included), products by reverse-over-reverse AD.
 
     The gradient graph of the data is built on the first product and kept. ``densify=True`` (default): once
-    the products asked for have used as many columns as there are parameters (``p <= densify_max_size``,
-    full data only), the dense ``[p, p]`` matrix is assembled from products with unit vectors (in blocks of
-    :data:`~influence_lib.objective.HVP_BLOCK` columns) and every later product is a matrix multiplication.
+    the products asked for have cost as much as assembling the dense ``[p, p]`` matrix (``p <= densify_max_size``,
+    full data only), the matrix is assembled layer by layer from products with unit vectors
+    (:meth:`~influence_lib.objective.Objective.dense_hessian`, in blocks of :data:`~influence_lib.objective.HVP_BLOCK`
+    columns) and every later product is a matrix multiplication. That cost, :attr:`assembly_columns`, is counted in
+    products on the whole graph: ``p`` for a model of one layer, less for deeper ones, whose later layers' columns
+    are products on the graph downstream of them only (0.25 of ``p`` for the 640-parameter CNN of
+    ``benchmarks/compare.py``).
     The switch at most doubles the cost of the products already made and makes the remaining ones nearly
     free: iterative solvers that need many more than ``p`` products (CG on many right-hand sides, LiSSA) then
     cost about one dense Hessian. A solver that knows its number of products in advance (full-batch LiSSA)
@@ -90,6 +95,12 @@ class HessianOperator(LinearOperator):
         self._dense: Tensor | None = None
         self._columns = 0  # columns multiplied by AD so far
 
+    @property
+    def assembly_columns(self) -> int:
+        """The estimated cost of assembling the dense matrix, in products on the whole graph
+        (:meth:`~influence_lib.objective.Objective.assembly_cost`)."""
+        return math.ceil(self.objective.assembly_cost())
+
     def _hvp(self, V: Tensor) -> Tensor:
         if self._apply is None:  # build the gradient graphs on first use and keep them
             self._apply = self.objective.hvp_operator(self.theta, self.rows)
@@ -104,17 +115,19 @@ class HessianOperator(LinearOperator):
         out = self._hvp(V)
         if self.densify:
             self._columns += V.shape[1]
-            if self._columns >= self.size:
+            if self._columns >= self.assembly_columns:
                 self._dense = self._assemble(HVP_BLOCK)
         return out
 
     def reserve(self, columns: int) -> None:
         """Assemble the dense matrix now if ``columns`` announced products would cost at least as much."""
-        if self.densify and self._dense is None and columns >= self.size:
+        if self.densify and self._dense is None and columns >= self.assembly_columns:
             self._dense = self._assemble(HVP_BLOCK)
 
     def _assemble(self, block_size: int) -> Tensor:
-        M = dense_from_products(self._hvp, self.theta, self.size, block_size)
+        M = self.objective.dense_hessian(self.theta, self.rows, block_size=block_size, apply_all=self._hvp)
+        if self.densify:  # every later product is by the matrix: the kept graph is not needed any more
+            self._apply = None
         return (M + M.T) / 2
 
     def dense(self, block_size: int = HVP_BLOCK) -> Tensor:
