@@ -56,9 +56,9 @@
 # $H[T_g, S_g]$ is a block of the Hessian of the loss as a function of $T_g$ alone, the earlier layers held fixed:
 # its products run on the part of the network downstream of layer $g$, for the later layers of a CNN a small part
 # of the whole (the cost of each layer's columns is measured at the end of this page). Exact influence assembles
-# it that way; LiSSA with
-# full-batch products assembles it first when its known number of products costs more; any iterative solver
-# switches to it once its products have cost as much as the assembly. It lowers the cost of each product by
+# it that way; LiSSA with full-batch products assembles it first when its known number of products costs more; CG
+# switches to it when the products it still expects (from the rate at which its residual has fallen so far) cost
+# more; any other solver after $p$ products. It lowers the cost of each product by
 # multiplying blocks of vectors on a gradient graph built once. The last section lists what else was measured and
 # why it was not adopted.
 

@@ -66,19 +66,19 @@ class DenseOperator(LinearOperator):
 class HessianOperator(LinearOperator):
     """``H = Hessian of J`` at ``theta`` (weight decay included), products by reverse-over-reverse AD.
 
-    The gradient graph of the data is built on the first product and kept. ``densify=True`` (default): once
-    the products asked for have cost as much as assembling the dense ``[p, p]`` matrix (``p <= densify_max_size``,
-    full data only), the matrix is assembled layer by layer from products with unit vectors
-    (:meth:`~influence_lib.objective.Objective.dense_hessian`, in blocks of :data:`~influence_lib.objective.HVP_BLOCK`
-    columns) and every later product is a matrix multiplication. That cost, :attr:`assembly_columns`, is counted in
-    products on the whole graph: ``p`` for a model of one layer, less for deeper ones, whose later layers' columns
-    are products on the graph downstream of them only (0.25 of ``p`` for the 640-parameter CNN of
-    ``benchmarks/compare.py``).
+    The gradient graph of the data is built on the first product and kept. ``densify=True`` (default,
+    ``p <= densify_max_size``, full data only): the dense ``[p, p]`` matrix is assembled layer by layer from products
+    with unit vectors (:meth:`~influence_lib.objective.Objective.dense_hessian`, in blocks of
+    :data:`~influence_lib.objective.HVP_BLOCK` columns) once the products asked for have used ``p`` columns, or
+    earlier, when a solver announces (:meth:`reserve`) products that cost at least as much as the assembly; every
+    later product is a matrix multiplication. The assembly's cost, :attr:`assembly_columns`, is counted in products on
+    the whole graph: ``p`` for a model of one layer, less for deeper ones, whose later layers' columns are products on
+    the graph downstream of them only.
     The switch at most doubles the cost of the products already made and makes the remaining ones nearly
     free: iterative solvers that need many more than ``p`` products (CG on many right-hand sides, LiSSA) then
-    cost about one dense Hessian. A solver that knows its number of products in advance (full-batch LiSSA)
-    announces it with :meth:`reserve`, and the matrix is assembled first when that is cheaper. The results
-    agree to rounding error.
+    cost about one dense Hessian. A solver that knows its number of products in advance (full-batch LiSSA) or can
+    estimate the rest (CG, from its convergence rate) announces it with :meth:`reserve`, and the matrix is assembled
+    when that is cheaper. The results agree to rounding error.
     """
 
     #: largest ``p`` for which the operator may switch to a dense matrix (``p^2`` floats of memory)
@@ -115,7 +115,7 @@ class HessianOperator(LinearOperator):
         out = self._hvp(V)
         if self.densify:
             self._columns += V.shape[1]
-            if self._columns >= self.assembly_columns:
+            if self._columns >= self.size:
                 self._dense = self._assemble(HVP_BLOCK)
         return out
 

@@ -611,15 +611,30 @@ class Objective:
                     local.append(torch.arange(start, start + numel))
                 start += numel
             local = torch.cat(local).to(theta.device)
+            rows_at = _as_slice(rows_idx)  # T_g is a range of theta when the groups come in the selected order
             for b in range(0, local.numel(), block_size):
                 cols = local[b:b + block_size]
                 E = theta.new_zeros(rows_idx.numel(), cols.numel())
                 E[cols, torch.arange(cols.numel(), device=theta.device)] = 1
                 block = apply(E)  # H[T_g, cols]
-                H[rows_idx.unsqueeze(1), rows_idx[cols]] = block
-                H[rows_idx[cols].unsqueeze(1), rows_idx] = block.T
+                cols_at = _as_slice(rows_idx[cols])
+                if rows_at is not None and cols_at is not None:  # slices: plain copies, no index arithmetic
+                    H[rows_at, cols_at] = block
+                    H[cols_at, rows_at] = block.T
+                else:
+                    H[rows_idx.unsqueeze(1), rows_idx[cols]] = block
+                    H[rows_idx[cols].unsqueeze(1), rows_idx] = block.T
             del apply
         return H
+
+
+def _as_slice(idx: Tensor) -> slice | None:
+    """``slice(a, b)`` if the 1-D index tensor ``idx`` is ``a, a + 1, ..., b - 1``, else ``None``."""
+    if idx.numel() == 0:
+        return None
+    a = int(idx[0])
+    b = a + idx.numel()
+    return slice(a, b) if int(idx[-1]) == b - 1 and bool((idx.diff() == 1).all()) else None
 
 
 def _conv_by_matmul(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

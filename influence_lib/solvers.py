@@ -134,7 +134,11 @@ def ihvp_cg(
     Each column stops when its *true* residual ``||v - (A + damping I) x|| <= tol * ||v||``
     (``tol=None``: :func:`default_cg_tol` of ``V``'s dtype, ``1e-8`` in float64, ``~1.2e-5`` in float32): when the
     recursively updated residual falls below ``tol``, the true residual is recomputed and the iteration
-    restarts from it if it is not small enough. Raises :class:`SolverError` if ``A + damping I`` shows
+    restarts from it if it is not small enough. From the third step on, CG estimates the products it still needs from
+    the rate at which its worst relative residual has fallen so far, ``log(tol / r_j) / log((r_j / r_0)^(1/j))``
+    steps of the current number of directions, and announces them to ``A`` (:meth:`LinearOperator.reserve`): a
+    Hessian operator that can assemble its dense matrix for less does so, and the remaining products are matrix
+    products (the same solution to rounding). Raises :class:`SolverError` if ``A + damping I`` shows
     non-positive curvature on the search space (CG needs a positive definite system: increase ``damping``)
     or if ``max_iter`` steps (default ``10 p``) are reached. ``info``: ``iterations`` (steps until each column
     converged), ``residual`` (final relative true residual per column), ``products`` (columns multiplied by
@@ -148,8 +152,10 @@ def ihvp_cg(
     vnorm = Vb.norm(dim=0)
     X = torch.zeros_like(Vb) if x0 is None else x0.reshape(p, k).clone()
     R = Vb - apply(X) if x0 is not None else Vb.clone()
-    run = _block_cg if block else _columnwise_cg
-    iters, max_directions = run(apply, Vb, X, R, vnorm, tol, max_iter, damping)
+    if block:
+        iters, max_directions = _block_cg(apply, Vb, X, R, vnorm, tol, max_iter, damping, announce=A.reserve)
+    else:
+        iters, max_directions = _columnwise_cg(apply, Vb, X, R, vnorm, tol, max_iter, damping, announce=A.reserve)
     residual = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
     info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block,
             "max_directions": max_directions}
@@ -221,10 +227,34 @@ def _orth(Z: Tensor, floor: float) -> Tensor:
     return Q[:, :m]
 
 
+def remaining_steps(rel: Tensor, rel0: Tensor, steps: int, tol: float) -> float:
+    """Steps a Krylov solver still needs if each column's relative residual keeps falling at the average rate of its
+    first ``steps`` steps: ``max_j log(tol / rel_j) / log((rel_j / rel0_j)^(1/steps))`` over columns not yet at
+    ``tol`` (``inf`` where a residual has not fallen)."""
+    live = rel > tol
+    if not bool(live.any()):
+        return 0.0
+    rate = (rel[live] / rel0[live].clamp_min(1e-300)).log() / steps  # log of the per-step factor (< 0 if falling)
+    if bool((rate >= 0).any()):
+        return math.inf
+    return float(((tol / rel[live]).log() / rate).max())
+
+
+def _announce_remaining(announce, R: Tensor, active: Tensor, vnorm: Tensor, rel0: Tensor, steps: int, tol: float,
+                        width: int) -> None:
+    """Tell the operator how many products (``width`` per step) the solver still expects (see :func:`ihvp_cg`)."""
+    if announce is None or steps < 3 or not bool(active.any()):
+        return
+    rel = R[:, active].norm(dim=0) / vnorm[active]
+    left = remaining_steps(rel, rel0[active], steps, tol)
+    if left > 0:
+        announce(int(min(left * width, 2**62)))
+
+
 def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
-              damping: float) -> tuple[Tensor, int]:
+              damping: float, announce=None) -> tuple[Tensor, int]:
     """Block CG in place on ``X`` and ``R`` (see :func:`ihvp_cg`); returns the steps per column and the widest
-    search block."""
+    search block. ``announce``: called with the estimated number of products still to come (``A.reserve``)."""
     k = Vb.shape[1]
     active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
     iters = torch.zeros(k, dtype=torch.long)
@@ -234,6 +264,7 @@ def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float
         return _orth(Z / vnorm[active], floor)
 
     P = directions(R[:, active])
+    rel0 = R.norm(dim=0) / vnorm.clamp_min(1e-300)
     it = widest = 0
     while bool(active.any()):
         if P.shape[1] == 0:  # every direction deflated: go on from the true residual
@@ -267,11 +298,12 @@ def _block_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float
         Ra = R[:, active]
         b = -torch.cholesky_solve(AP.T @ Ra, chol)
         P = directions(Ra + P @ b)
+        _announce_remaining(announce, R, active, vnorm, rel0, it, tol, P.shape[1])
     return iters, widest
 
 
 def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: float, max_iter: int,
-                   damping: float, precondition=None) -> tuple[Tensor, int]:
+                   damping: float, precondition=None, announce=None) -> tuple[Tensor, int]:
     """``k`` independent (optionally preconditioned) CG recursions in place on ``X`` and ``R``; returns the steps
     per column and the number of search directions per step (``k``).
 
@@ -290,10 +322,12 @@ def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: 
     rz = (R * Z).sum(0)
     active = (vnorm > 0) & (R.norm(dim=0) > tol * vnorm)
     iters = torch.zeros(k, dtype=torch.long)
+    rel0 = R.norm(dim=0) / vnorm.clamp_min(1e-300)
     it = 0
     while bool(active.any()):
         if it >= max_iter:
             raise _max_iter_reached(apply, Vb, X, vnorm, tol, max_iter)
+        _announce_remaining(announce, R, active, vnorm, rel0, it, tol, int(active.sum()))
         it += 1
         idx = active.nonzero().squeeze(1)
         Pa = P[:, idx]

@@ -122,18 +122,58 @@ def test_parameter_subsets_rows_and_chunks():
         part.hvp_operator(part.theta(), params=["0.bias"])
 
 
-def test_operator_densifies_once_products_cost_the_assembly():
+def test_operator_densifies_after_p_columns_or_when_announced_products_cost_the_assembly():
     model, X, y = _problems()["cnn"]
     obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+    H = obj.hessian(obj.theta())
     fast, plain = il.HessianOperator(obj), il.HessianOperator(obj, densify=False)
     k = 4
-    assert k < fast.assembly_columns < obj.p  # a deeper model: the switch comes before p columns
+    assert k < fast.assembly_columns < obj.p  # a deeper model: the assembly costs less than p products
     V = torch.randn(obj.p, k, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     used = 0
-    while used < fast.assembly_columns:
+    while used < obj.p:  # unannounced products: the switch after p columns
         assert fast._dense is None
         torch.testing.assert_close(fast.matmat(V), plain.matmat(V), rtol=1e-10, atol=1e-12)
         used += k
     assert fast._dense is not None and fast._apply is None  # the kept graph is let go once the matrix is there
-    torch.testing.assert_close(fast._dense, obj.hessian(obj.theta()), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast._dense, H, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast.matmat(V), plain.matmat(V), rtol=1e-10, atol=1e-12)
+    announced = il.HessianOperator(obj)
+    announced.reserve(announced.assembly_columns - 1)  # cheaper than the assembly: products stay by AD
+    assert announced._dense is None
+    announced.reserve(announced.assembly_columns)
+    assert announced._dense is not None
+    torch.testing.assert_close(announced._dense, H, rtol=1e-10, atol=1e-12)
+
+
+def test_cg_switches_to_the_dense_matrix_when_its_remaining_products_cost_more():
+    model, X, y = _problems()["cnn"]
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+    damping = max(0.0, -float(torch.linalg.eigvalsh(obj.hessian(obj.theta()))[0])) + 1e-3
+    V = torch.randn(obj.p, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    fast, plain = il.HessianOperator(obj), il.HessianOperator(obj, densify=False)
+    switched_at = []
+    real = fast._assemble
+    fast._assemble = lambda block_size: switched_at.append(fast._columns) or real(block_size)
+    a, info_a = il.ihvp_cg(fast, V, damping, tol=1e-10)
+    b, info_b = il.ihvp_cg(plain, V, damping, tol=1e-10)
+    # announced: the rest of the run would have cost more than the assembly, and the switch came well before its end
+    assert fast._dense is not None and len(switched_at) == 1
+    assert switched_at[0] < info_b["products"] / 2
+    assert float((a - b).norm() / b.norm()) < 1e-8
+    assert max(info_a["residual"]) <= 1e-10
+    # a short run (a loose tolerance, one right-hand side) announces less than the assembly and stays on products
+    short = il.HessianOperator(obj)
+    _, info_s = il.ihvp_cg(short, V[:, :1], damping, tol=1e-2)
+    assert short._dense is None and info_s["products"] < short.assembly_columns
+
+
+def test_remaining_steps_of_a_geometric_residual():
+    from influence_lib.solvers import remaining_steps
+    rel0 = torch.ones(2, dtype=torch.float64)
+    rel = torch.tensor([0.5 ** 4, 0.9 ** 4], dtype=torch.float64)  # four steps at rates 0.5 and 0.9
+    tol = 1e-6
+    expected = max(torch.log(torch.tensor(tol) / rel) / torch.log(torch.tensor([0.5, 0.9], dtype=torch.float64)))
+    assert remaining_steps(rel, rel0, 4, tol) == pytest.approx(float(expected))
+    assert remaining_steps(torch.tensor([1e-7]), torch.ones(1), 4, tol) == 0.0  # already there
+    assert remaining_steps(torch.tensor([1.2]), torch.ones(1), 4, tol) == float("inf")  # not falling
