@@ -612,15 +612,18 @@ class Objective:
                 start += numel
             local = torch.cat(local).to(theta.device)
             rows_at = _as_slice(rows_idx)  # T_g is a range of theta when the groups come in the selected order
+            n_own = local.numel()
+            own_first = bool((local == torch.arange(n_own, device=local.device)).all())  # S_g leads T_g
             for b in range(0, local.numel(), block_size):
                 cols = local[b:b + block_size]
                 E = theta.new_zeros(rows_idx.numel(), cols.numel())
                 E[cols, torch.arange(cols.numel(), device=theta.device)] = 1
                 block = apply(E)  # H[T_g, cols]
                 cols_at = _as_slice(rows_idx[cols])
-                if rows_at is not None and cols_at is not None:  # slices: plain copies, no index arithmetic
+                if rows_at is not None and cols_at is not None and own_first:  # slices: plain copies
                     H[rows_at, cols_at] = block
-                    H[cols_at, rows_at] = block.T
+                    # the transpose fills the group's rows against the later groups (its own block is written above)
+                    H[cols_at, rows_at.start + n_own:rows_at.stop] = block[n_own:].T
                 else:
                     H[rows_idx.unsqueeze(1), rows_idx[cols]] = block
                     H[rows_idx[cols].unsqueeze(1), rows_idx] = block.T
