@@ -214,12 +214,11 @@ if compare is not None:
         f"`influence_lib` is at least twice as fast as the fastest anchor in {len(same_matrix) - len(short)} of "
         f"{len(same_matrix)} cases" + (": short of that in " + "; ".join(
             f"{r.problem} {r.method} ({1 / r['ours / anchor']:.2f}x)" for _, r in short.iterrows())
-            + ". In these cases the number of Hessian-vector products is fixed by the method itself (one per "
-            "parameter for the dense Hessian, depth x test points for LiSSA, one per Krylov step for Arnoldi), every "
-            "library needs the same number, and each product is bound by the model's own kernels (on the CNNs the "
-            "elementwise and pooling steps of the double backward; profile below): the remaining margin is the cost "
-            "per product, which differs little between the libraries (last table of this section). The Iris timings "
-            "are a few milliseconds each. The ratios move by up to about 30% between runs on this shared machine."
+            + ". Where it falls short, the time is that of Hessian-vector products on the whole network: block CG "
+            "saves fewer steps at a loose tolerance than at 1e-8, a run too short to pay for the dense Hessian stays "
+            "on products, and one product costs about as much in every library (it is bound by the model's own "
+            "kernels, profile below; last table of this section). The Iris calls take a few milliseconds, mostly "
+            "fixed costs. The ratios move by up to about 30% between runs on this shared machine."
             if len(short) else ".")))
     if len(short) and "fastest_as_accurate" in rat:
         def best_anchor(r) -> str:
