@@ -546,7 +546,7 @@ class Objective:
         finally:
             for h in hooks:
                 h.remove()
-        seen = [m_id for m_id in sorted(start, key=start.get)]
+        seen = sorted(start, key=start.get)
         named = {n for m_id in seen for n in owner[m_id]}
         unseen = tuple(n for n in self.spec.names if n not in named)
         total = float(sum(sizes)) or 1.0
