@@ -32,8 +32,9 @@
 # [kronfluence](https://github.com/pomonam/kronfluence) (torch-influence is not installable from a package
 # index and is left out), on the same trained model, data, weight decay and damping. Each measurement runs in
 # a fresh process (after an untimed warm-up on a few points, which absorbs one-off import costs), which reports
-# the wall time of the whole call (the fastest of up to three calls, as many as fit in 10 s: the neighbours of a
-# shared machine only ever add time) and its peak memory (growth of the process's maximum resident set). Settings
+# the wall time of the whole call (the fastest of at least three calls and of as many more as fit in one second, at
+# most 50, within 10 s: the neighbours of a shared machine only ever add time, and a call of a few milliseconds is
+# then the fastest of dozens) and its peak memory (growth of the process's maximum resident set). Settings
 # are matched per method: the same LiSSA depth and scale, the same Arnoldi rank and number of Krylov steps,
 # and the anchors' CG runs the number of steps that standard CG (one Krylov space per test point) needs to reach
 # relative residual 1e-8 on the same system; `influence_lib` runs block CG (one Krylov space shared by all test

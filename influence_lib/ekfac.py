@@ -32,7 +32,11 @@ chunk of training rows at a time, so no ``[n, p]`` matrix of gradients exists. T
 (``K = C - 1`` for cross-entropy, ``C`` otherwise) by ``s`` random-sign combinations ``B_i eps / sqrt(s)``
 (Rademacher ``eps``; ``E[r r^T] = B_i B_i^T``), an unbiased estimate of the same factors and eigenvalues (like the
 sampled-label Fisher of kronfluence) with ``s`` instead of ``K`` backward columns per pass; the default ``None`` is
-exact.
+exact. ``fisher="empirical"`` estimates the empirical Fisher instead, ``(1/n) sum_i vec(G_i) vec(G_i)^T`` of the
+per-example loss gradients ``G_i`` (the loss gradient in output space as the one column; dattri's EK-FAC): one
+backward column per pass, and a different matrix from the Gauss-Newton one (it is the Gauss-Newton matrix only
+in expectation over labels drawn from the model, and is known to be a worse curvature estimate away from a
+perfect fit).
 """
 
 from __future__ import annotations
@@ -46,12 +50,16 @@ from torch.func import hessian, vmap
 
 from .layer_grads import MEMORY_BUDGET, LayerGradients, example_groups, row_matrix, scratch
 from .objective import Objective
-from .validation import check_finite, check_nonneg, check_positive_int
+from .validation import check_choice, check_finite, check_nonneg, check_positive_int
 
 #: Bytes of per-example ``[out, cols]`` gradients formed at a time in the eigenvalue pass: about what stays in a
 #: core's cache while it is squared and summed (on the ResNet of ``benchmarks/scale.py``, 100 x 901 blocks: 6.5 ms
 #: for 96 examples in pairs against 31 ms in one product, and no slower for the smaller blocks of its other layers).
 LAM_GROUP_BYTES = 2**20
+#: The curvature the factors and eigenvalues estimate: "true", the Gauss-Newton matrix (exact columns of the loss
+#: Hessian's square root, or ``samples`` random-sign combinations of them), or "empirical", the empirical Fisher
+#: ``(1/n) sum_i g_i g_i^T`` of the per-example loss gradients (one column per row; dattri's EK-FAC).
+FISHERS = ("true", "empirical")
 
 
 def _loss_hessian_sqrt(objective: Objective, f: Tensor, y: Tensor) -> Tensor:
@@ -101,52 +109,82 @@ class EKFACSolver:
 
     Fitting is two passes over the training data (the K-FAC factors, then the corrected eigenvalues), each one
     forward and one batched backward pass per chunk with one column per output dimension (the exact Gauss-Newton
-    matrix; ``samples=s``: ``s`` random-sign columns instead, see the module docstring); :meth:`scores` is a third
-    pass with one backward column. All per-layer work is
+    matrix; ``samples=s``: ``s`` random-sign columns instead; ``fisher="empirical"``: the loss gradient as the one
+    column, see the module docstring); :meth:`scores` is a third pass with one backward column. All per-layer work is
     batched over the rows of a chunk (forward hooks for the inputs, ``autograd.grad`` into the layer outputs for
     the backpropagated vectors). Memory: ``chunk_size`` of the objective rows at a time, or, without it, as many
     rows as fit ``memory_budget`` bytes of intermediates; nothing of size ``[n, p]`` is ever formed. Results do
     not depend on the chunking (up to floating-point summation order).
+
+    Where the whole training set's layer inputs and backpropagated columns fit ``memory_budget`` (together with
+    one chunk's intermediates), the first pass keeps them: the eigenvalue correction is computed from the kept
+    columns (those of its own random signs, with ``samples``, backpropagated on the same graph) and, with
+    ``for_scores=True``, the training rows' loss gradients are pulled back on that graph too and kept for
+    :meth:`scores`. One pass over the data in all instead of three, with the same values (the same columns and
+    signs as the streamed passes); ``passes`` counts the passes made (2 after a streamed fit, 1 after a kept one;
+    :meth:`scores` adds one where it needs its own). ``for_scores=False`` (a preconditioner, :meth:`solve` only)
+    keeps nothing after fitting.
     """
 
     def __init__(self, objective: Objective, theta: Tensor | None = None, damping: float = 0.0, *,
-                 samples: int | None = None, seed: int = 0, memory_budget: int | None = None):
+                 samples: int | None = None, fisher: str = "true", seed: int = 0, memory_budget: int | None = None,
+                 for_scores: bool = True, layer_gradients: LayerGradients | None = None):
         check_nonneg("damping", damping)
+        check_choice("fisher", fisher, FISHERS)
         if memory_budget is not None:
             check_positive_int("memory_budget", memory_budget)
         if samples is not None:
             check_positive_int("samples", samples)
+            if fisher == "empirical":
+                raise ValueError("samples applies to fisher='true' (the empirical Fisher has one column per row: "
+                                 "the loss gradient); leave samples unset")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.objective, self.damping = objective, damping
-        self.samples, self.seed = samples, seed
+        self.samples, self.fisher, self.seed = samples, fisher, seed
         self.memory_budget = MEMORY_BUDGET if memory_budget is None else memory_budget
         self.theta = (objective.theta() if theta is None else theta).detach()
-        self.grads = LayerGradients(objective, self.theta, "method='ekfac'")
+        # a LayerGradients of the same objective and theta may be handed in (it keeps its one-row probe)
+        ok = layer_gradients is not None and layer_gradients.objective is objective and torch.equal(
+            layer_gradients.theta, self.theta)
+        self.grads = layer_gradients if ok else LayerGradients(objective, self.theta, "method='ekfac'")
         self.layers = self.grads.layers
         self.QA: list[Tensor] = []
         self.QS: list[Tensor] = []
         self.Lam: list[Tensor] = []
-        self.passes = 0  # passes over the training data so far (fit: 2; each call of scores: 1 more)
+        self.passes = 0  # passes over the training data so far (see the class docstring)
         # rows per chunk: the objective's chunk_size, else what fits the budget (LayerGradients.rows_per_chunk)
         self.rows = self.grads.rows_per_chunk(self.memory_budget)
-        self._fit()
+        # the training rows' inputs and loss gradients into the layer outputs, kept from the first pass for scores
+        self._kept: list[tuple[slice, list[Tensor], list[Tensor]]] | None = None
+        self._fit(for_scores)
 
     def _columns(self, f: Tensor, sl: slice, signs: Tensor | None) -> Tensor:
-        """Output-space columns ``[b, C, K]`` whose outer products sum to the loss Hessian of each row: the ``C``
-        columns of its square root (exact), or ``samples`` random-sign combinations of them scaled by
-        ``1/sqrt(samples)`` (unbiased: ``E[r r^T] = B B^T`` for Rademacher signs)."""
+        """Output-space columns ``[b, C, K]`` whose outer products sum to the curvature of each row's loss: the
+        ``K`` columns of the loss Hessian's square root (exact), ``samples`` random-sign combinations of them scaled
+        by ``1/sqrt(samples)`` (unbiased: ``E[r r^T] = B B^T`` for Rademacher signs), or, for the empirical Fisher,
+        the loss gradient itself (``K = 1``)."""
+        if self.fisher == "empirical":
+            return self.grads.loss_gradient_column(f, self.objective.y[sl])
         B = _loss_hessian_sqrt(self.objective, f.detach(), self.objective.y[sl])
         if signs is None:
             return B
         return B @ signs[sl].to(B) / self.samples ** 0.5
 
-    def _signs(self, K: int) -> Tensor | None:
-        """Rademacher signs ``[n, K, samples]`` for one pass, drawn for all rows at once (chunking does not
-        change them)."""
-        if self.samples is None:
+    def _column_count(self) -> int:
+        """``K``, or a bound on it: the output-space columns per row of one pass (see :meth:`_columns`)."""
+        if self.fisher == "empirical":
+            return 1
+        if self.samples is not None:
+            return self.samples
+        return self.grads.probe()[0]  # the model's outputs per row: at least the columns of the loss Hessian's root
+
+    def _signs(self, K: int, pass_index: int) -> Tensor | None:
+        """Rademacher signs ``[n, K, samples]`` for the pass ``pass_index`` (0: factors, 1: eigenvalues), drawn for
+        all rows at once (chunking does not change them)."""
+        if self.samples is None or self.fisher == "empirical":
             return None
-        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 * self.passes)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 * pass_index)
         signs = torch.randint(0, 2, (self.objective.n, K, self.samples), generator=gen, dtype=torch.int8)
         return (2 * signs - 1).to(self.theta.device)
 
@@ -154,68 +192,112 @@ class EKFACSolver:
         for start in range(0, n, self.rows):
             yield slice(start, min(start + self.rows, n))
 
+    def _keeps_first_pass(self, for_scores: bool) -> bool:
+        """Whether the first pass keeps every chunk's input rows and backpropagated columns (see the class
+        docstring): where they and one chunk's own intermediates fit ``memory_budget`` together."""
+        K = self._column_count()
+        shared = self.fisher == "empirical"  # the one column is the loss gradient: it serves all three uses
+        columns = K + (for_scores and not shared)
+        kept = self.objective.n * self.grads.kept_bytes_per_row(columns)
+        return kept + self.rows * self.grads.chunk_bytes_per_row() <= self.memory_budget
+
     # --- fitting ------------------------------------------------------------------------------------------
-    def _fit(self) -> None:
+    def _fit(self, for_scores: bool) -> None:
         obj = self.objective
         dt, dev = self.theta.dtype, self.theta.device
         A = [torch.zeros(L.cols, L.cols, dtype=dt, device=dev) for L in self.layers]
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
-        # columns of the loss Hessian's square root, from the first training row
-        C = self._columns(self.grads.forward(obj.X[:1])[0].detach(), slice(0, 1), None).shape[2]
-        signs = self._signs(C)
+        keep = self._keeps_first_pass(for_scores)
+        signs = signs_lam = None
+        kept = []  # per chunk: (rows, input rows, the eigenvalue pass's columns, the loss gradients) when keep
         for sl in self._chunks(obj.n):
-            f, a, outs = self.grads.forward(obj.X[sl])
+            f, a, outs = self.grads.forward(obj.X[sl], keep=keep)
+            # the loss of the chunk's rows at theta, from this pass's outputs (InfluenceCalculator leaves it to us)
+            check_finite("loss at the model's current parameters", obj.loss_fn(f.detach(), obj.y[sl]))
+            if self.samples is not None and signs is None:  # against the columns of the loss Hessian's root
+                KB = _loss_hessian_sqrt(obj, f[:1].detach(), obj.y[sl][:1]).shape[2]
+                signs, signs_lam = self._signs(KB, 0), self._signs(KB, 1)
             for i, ai in enumerate(a):
                 _add_lower_gram(A[i], row_matrix(ai))  # rows as [cols, b*T] (a view); A is symmetric
-            for g in self.grads.backprop_columns(f, outs, self._columns(f, sl, signs)):  # one column at a time
-                for i, gk in enumerate(g):
-                    g2 = gk.reshape(-1, gk.shape[-1])  # [b*T, out]
-                    S[i] += g2.T @ g2
+            cols = self._columns(f, sl, signs)
+            K = cols.shape[2]
+            parts = [cols]
+            lam_at = 0  # where the eigenvalue pass's K columns start among the backpropagated ones
+            if keep and signs_lam is not None:  # the eigenvalue pass's own random signs, from the same graph
+                parts.append(self._columns(f, sl, signs_lam))
+                lam_at = K
+            loss_at = 0  # the loss gradient's column (the empirical Fisher's only column serves all three uses)
+            if keep and for_scores and self.fisher != "empirical":
+                parts.append(self.grads.loss_gradient_column(f, obj.y[sl]))
+                loss_at = sum(q.shape[2] for q in parts) - 1
+            lam_cols, loss_cols = [], None
+            for k, g in enumerate(self.grads.backprop_columns(f, outs, torch.cat(parts, 2))):  # one at a time
+                if k < K:
+                    for i, gk in enumerate(g):
+                        g2 = gk.reshape(-1, gk.shape[-1])  # [b*T, out]
+                        S[i] += g2.T @ g2
+                if keep and lam_at <= k < lam_at + K:
+                    lam_cols.append(g)
+                if keep and for_scores and k == loss_at:
+                    loss_cols = g
+            if keep:
+                kept.append((sl, a, lam_cols, loss_cols))
         self.passes += 1
         # the factors only fix the eigenbasis; their scale does not matter (the eigenvalues are refitted)
         self.QA = [torch.linalg.eigh(_mirror_lower(M))[1] for M in A]
         self.QS = [torch.linalg.eigh(M)[1] for M in S]
         Lam = [torch.zeros(L.out, L.cols, dtype=dt, device=dev) for L in self.layers]
-        signs = self._signs(C)
         buffers: dict = {}  # reused from chunk to chunk (see layer_grads.scratch)
-        for sl in self._chunks(obj.n):
-            f, a, outs = self.grads.forward(obj.X[sl])
-            cols = self._columns(f, sl, signs)
-            K = cols.shape[2]
-            rotated: list[Tensor | None] = [None] * len(self.layers)  # inputs in the eigenbasis, once per chunk
-            for g in self.grads.backprop_columns(f, outs, cols):  # one column at a time
-                for i, (L, ai, gk) in enumerate(zip(self.layers, a, g, strict=True)):
-                    QA, QS = self.QA[i], self.QS[i]
-                    b, T = ai.shape[:2]
-                    if T == 1:  # one row per example: (g a^T)^2 = g^2 (a^2)^T, no [b, out, cols] needed
-                        if rotated[i] is None:
-                            rotated[i] = (ai[:, 0] @ QA).square()
-                        Lam[i] += (gk[:, 0] @ QS).square().T @ rotated[i]
-                        continue
-                    rotate_inputs = T * L.cols <= K * L.out * (L.out + L.cols)
-                    if rotate_inputs and rotated[i] is None:  # rotate the inputs once, then K products
-                        # [b, T, cols] in ai's patch-major layout: one product on the [cols, b*T] view
-                        R = scratch(buffers, ("rotated", i), (L.cols, b * T), ai)
-                        torch.mm(QA.T, row_matrix(ai), out=R)
-                        rotated[i] = R.view(L.cols, b, T).permute(1, 2, 0)
-                    gq = (gk @ QS).transpose(1, 2) if rotate_inputs else gk.transpose(1, 2)  # [b, out, T]
-                    # the [out, cols] gradients of a few examples at a time, squared in place in a cache-sized
-                    # buffer (LAM_GROUP_BYTES): 4-5x faster than one [b, out, cols] product for 100 x 901 blocks
-                    for ex in example_groups(b, L.out * L.cols, ai.element_size(), LAM_GROUP_BYTES):
-                        G = scratch(buffers, "gradient", (ex.stop - ex.start, L.out, L.cols), ai)
-                        if rotate_inputs:
-                            torch.bmm(gq[ex], rotated[i][ex], out=G)
-                        else:  # few columns, many positions: form each [out, cols] gradient, then rotate it
-                            G = QS.T @ torch.bmm(gq[ex], ai[ex], out=G) @ QA
-                        Lam[i] += G.square_().sum(0)
-        self.passes += 1
+        if keep:
+            for _, a, lam_cols, _ in kept:
+                self._add_eigenvalues(Lam, a, lam_cols, K, buffers)
+            self._kept = [(sl, a, g) for sl, a, _, g in kept] if for_scores else None
+        else:
+            for sl in self._chunks(obj.n):
+                f, a, outs = self.grads.forward(obj.X[sl])
+                cols = self._columns(f, sl, signs_lam)
+                self._add_eigenvalues(Lam, a, self.grads.backprop_columns(f, outs, cols), cols.shape[2], buffers)
+            self.passes += 1
         self.Lam = [L / obj.n for L in Lam]
+
+    def _add_eigenvalues(self, Lam: list[Tensor], a: list[Tensor], columns, K: int, buffers: dict) -> None:
+        """Add one chunk's squared rotated per-example gradients to ``Lam``: for each of its ``K`` backpropagated
+        columns (``columns`` yields, per column, the list over layers of ``[b, T, out]``) and each layer,
+        ``sum_i (Q_S^T G_ik Q_A)^2`` with ``G_ik = g_ik^T a_i``."""
+        rotated: list[Tensor | None] = [None] * len(self.layers)  # inputs in the eigenbasis, once per chunk
+        for g in columns:  # one column at a time
+            for i, (L, ai, gk) in enumerate(zip(self.layers, a, g, strict=True)):
+                QA, QS = self.QA[i], self.QS[i]
+                b, T = ai.shape[:2]
+                if T == 1:  # one row per example: (g a^T)^2 = g^2 (a^2)^T, no [b, out, cols] needed
+                    if rotated[i] is None:
+                        rotated[i] = (ai[:, 0] @ QA).square()
+                    Lam[i] += (gk[:, 0] @ QS).square().T @ rotated[i]
+                    continue
+                rotate_inputs = T * L.cols <= K * L.out * (L.out + L.cols)
+                if rotate_inputs and rotated[i] is None:  # rotate the inputs once, then K products
+                    # [b, T, cols] in ai's patch-major layout: one product on the [cols, b*T] view
+                    R = scratch(buffers, ("rotated", i), (L.cols, b * T), ai)
+                    torch.mm(QA.T, row_matrix(ai), out=R)
+                    rotated[i] = R.view(L.cols, b, T).permute(1, 2, 0)
+                gq = (gk @ QS).transpose(1, 2) if rotate_inputs else gk.transpose(1, 2)  # [b, out, T]
+                # the [out, cols] gradients of a few examples at a time, squared in place in a cache-sized
+                # buffer (LAM_GROUP_BYTES): 4-5x faster than one [b, out, cols] product for 100 x 901 blocks
+                for ex in example_groups(b, L.out * L.cols, ai.element_size(), LAM_GROUP_BYTES):
+                    G = scratch(buffers, "gradient", (ex.stop - ex.start, L.out, L.cols), ai)
+                    if rotate_inputs:
+                        torch.bmm(gq[ex], rotated[i][ex], out=G)
+                    else:  # few columns, many positions: form each [out, cols] gradient, then rotate it
+                        G = QS.T @ torch.bmm(gq[ex], ai[ex], out=G) @ QA
+                    Lam[i] += G.square_().sum(0)
 
     # --- scores, layer by layer ---------------------------------------------------------------------------
     def scores(self, X_test: Tensor, y_test: Tensor) -> Tensor:
         """``[m, n]``: ``g_t^T (G_EKFAC + (wd + damping) I)^{-1} g_i`` for every test row ``t`` and training point
         ``i`` (without the ``1/n``), as a sum over layers of per-layer inner products with the preconditioned
-        test gradients. Memory: one chunk of ``[rows, out, cols]`` per-example gradients per layer."""
+        test gradients. Memory: one chunk of ``[rows, out, cols]`` per-example gradients per layer. The training
+        rows' loss gradients come from the first pass where it kept them (see the class docstring), else from a
+        pass of their own."""
         self._check_nonsingular()
         shift = self.objective.weight_decay + self.damping
         W = [[] for _ in self.layers]
@@ -227,8 +309,11 @@ class EKFACSolver:
         W = self.grads.score_blocks([QS @ ((QS.T @ w @ QA) / (Lam + shift)) @ QA.T
                                      for w, QA, QS, Lam in zip(W, self.QA, self.QS, self.Lam, strict=True)])
         obj = self.objective
-        out = [self.grads.inner_products(W, obj.X[sl], obj.y[sl]) for sl in self._chunks(obj.n)]
-        self.passes += 1
+        if self._kept is not None:
+            out = [self.grads.contract(W, a, g) for _, a, g in self._kept]
+        else:
+            out = [self.grads.inner_products(W, obj.X[sl], obj.y[sl]) for sl in self._chunks(obj.n)]
+            self.passes += 1
         return torch.cat(out, dim=1)
 
     # --- solving ------------------------------------------------------------------------------------------

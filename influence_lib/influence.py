@@ -108,7 +108,8 @@ class InfluenceCalculator:
         self.objective = Objective(model, loss_fn, *train, weight_decay=weight_decay, params=params,
                                    chunk_size=chunk_size)
         self.theta = self.objective.theta()
-        check_finite("loss at the model's current parameters", self.objective.loss(self.theta).detach())
+        if method != "ekfac":  # EK-FAC checks every chunk's loss on the outputs of its own first pass
+            check_finite("loss at the model's current parameters", self.objective.loss(self.theta).detach())
         self.method, self.damping, self.options = method, damping, options
         self.operator: LinearOperator = (
             HessianOperator(self.objective, self.theta) if curvature == "hessian"
@@ -154,7 +155,7 @@ class InfluenceCalculator:
             else:  # EK-FAC-preconditioned (block) CG, see influence_lib.preconditioned
                 if pre == "ekfac":
                     if self._preconditioner is None:
-                        self._preconditioner = EKFACSolver(self.objective, self.theta, self.damping)
+                        self._preconditioner = EKFACSolver(self.objective, self.theta, self.damping, for_scores=False)
                     pre = self._preconditioner
                 X, info = ihvp_pcg(self.operator, V, self.damping, preconditioner=pre, **opts)
         elif self.method == "minres":
@@ -166,7 +167,8 @@ class InfluenceCalculator:
 
     def _ekfac(self) -> EKFACSolver:
         if not isinstance(self._solver, EKFACSolver):
-            self._solver = EKFACSolver(self.objective, self.theta, self.damping, **self.options)
+            self._solver = EKFACSolver(self.objective, self.theta, self.damping, layer_gradients=self._layer_grads,
+                                       **self.options)
         return self._solver
 
     @property

@@ -194,7 +194,7 @@ class LayerGradients:
         self.layers = layers_of(objective, who)
         self._rows_buffers: list[Tensor | None] = [None] * len(self.layers)  # see forward
         self._scratch: dict = {}  # see inner_products
-        self._positions: list[int] | None = None  # see positions
+        self._probe: tuple[int, list[int], list[int]] | None = None  # see probe
 
     @classmethod
     def supports(cls, objective: Objective, theta: Tensor) -> LayerGradients | None:
@@ -202,16 +202,26 @@ class LayerGradients:
         forward pass calls exactly once (checked on one training row), else None."""
         try:
             lg = cls(objective, theta)
-            lg.forward(objective.X[:1])
+            lg.probe()
         except ValueError:
             return None
         return lg
 
-    def forward(self, X: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def probe(self) -> tuple[int, list[int], list[int]]:
+        """``(outputs, positions, output_numels)`` of one training row, from one forward pass (made once and
+        kept): the model's output size per row, the rows per example of every layer (``T``: output positions of
+        a convolution, 1 for a Linear on ``[b, in]`` inputs) and the number of each layer's outputs per row."""
+        if self._probe is None:
+            f, a, outs = self.forward(self.objective.X[:1], keep=True)
+            self._probe = (f[0].numel(), [ai.shape[1] for ai in a], [o.numel() for o in outs])
+        return self._probe
+
+    def forward(self, X: Tensor, keep: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``).
 
         The input rows of convolutions are written into the buffers of the previous call where the shapes agree
-        (chunk after chunk): they are valid until the next call of :meth:`forward`."""
+        (chunk after chunk): they are valid until the next call of :meth:`forward`; with ``keep=True`` they are
+        fresh tensors that later calls leave alone (for callers that hold several chunks at once)."""
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
 
@@ -240,8 +250,11 @@ class LayerGradients:
         missing = [L.weight for i, L in enumerate(self.layers) if i not in outputs]
         if missing:
             raise ValueError(f"{self.who}: the layers of {missing} are not called by the model's forward pass")
-        rows = [input_rows(L, inputs[i], self._rows_buffers[i]) for i, L in enumerate(self.layers)]
-        self._rows_buffers = rows
+        if keep:
+            rows = [input_rows(L, inputs[i]) for i, L in enumerate(self.layers)]
+        else:
+            rows = [input_rows(L, inputs[i], self._rows_buffers[i]) for i, L in enumerate(self.layers)]
+            self._rows_buffers = rows
         return f, rows, [outputs[i] for i in range(len(self.layers))]
 
     def backprop_columns(self, f: Tensor, outs: list[Tensor], cols: Tensor):
@@ -254,13 +267,18 @@ class LayerGradients:
             gs = torch.autograd.grad(f, outs, grad_outputs=cols[:, :, k].reshape(f.shape), retain_graph=k < K - 1)
             yield [output_rows(L, g) for L, g in zip(self.layers, gs, strict=True)]
 
+    def loss_gradient_column(self, f: Tensor, y: Tensor) -> Tensor:
+        """``[b, C, 1]``: each row's gradient of its own loss with respect to its outputs ``f`` ``[b, C]`` (the
+        output-space vector whose pull-back gives the per-example parameter gradients)."""
+        loss_fn = self.objective.loss_fn
+        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
+        return dl.reshape(dl.shape[0], -1, 1)
+
     def _loss_gradient_rows(self, X: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per layer, the input rows ``a`` ``[b, T, cols]`` of ``X`` and the per-example loss gradients with
         respect to the layer outputs, ``g`` ``[b, T, out]``: the two factors of ``G_i = g_i^T a_i``."""
         f, a, outs = self.forward(X)
-        loss_fn = self.objective.loss_fn
-        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
-        return a, next(self.backprop_columns(f, outs, dl.reshape(dl.shape[0], -1, 1)))
+        return a, next(self.backprop_columns(f, outs, self.loss_gradient_column(f, y)))
 
     def per_example(self, X: Tensor, y: Tensor) -> list[Tensor]:
         """Per-example loss gradients of every layer, ``[b, out, cols]`` (bias last; no weight decay)."""
@@ -269,10 +287,8 @@ class LayerGradients:
 
     def positions(self) -> list[int]:
         """Rows per example of every layer (``T``: output positions of a convolution, 1 for a Linear on
-        ``[b, in]`` inputs), from a forward pass on one training row (computed once)."""
-        if self._positions is None:
-            self._positions = [a.shape[1] for a in self.forward(self.objective.X[:1])[1]]
-        return self._positions
+        ``[b, in]`` inputs), from a forward pass on one training row (computed once, see :meth:`probe`)."""
+        return self.probe()[1]
 
     def score_blocks(self, W: list[Tensor]) -> list[tuple[bool, Tensor]]:
         """Per-layer blocks ``W_l`` ``[m, out, cols]`` arranged once for :meth:`inner_products`, as
@@ -294,7 +310,11 @@ class LayerGradients:
         products (an ``[m, out, b]`` intermediate instead of ``[b, out, cols]``; chosen where ``m < cols``). Every
         other layer forms ``G_i^T = a_i^T g_i`` (``[b, cols, out]``, the faster order of the batched product for the
         patch-major rows) and takes one product with the transposed blocks."""
-        a, g = self._loss_gradient_rows(X, y)
+        return self.contract(blocks, *self._loss_gradient_rows(X, y))
+
+    def contract(self, blocks: list[tuple[bool, Tensor]], a: list[Tensor], g: list[Tensor]) -> Tensor:
+        """:meth:`inner_products` for given per-layer input rows ``a`` ``[b, T, cols]`` and loss gradients into the
+        layer outputs ``g`` ``[b, T, out]`` (of rows whose pass was made earlier)."""
         total = None
         for L, (rank_one, w), ai, gi in zip(self.layers, blocks, a, g, strict=True):
             b = ai.shape[0]
@@ -325,11 +345,20 @@ class LayerGradients:
         obj = self.objective
         if obj.chunk_size is not None:
             return obj.chunk_size
-        f, a, outs = self.forward(obj.X[:1])
-        per_row = sum(2 * ai.shape[1] * (L.cols + L.out) + 3 * o.numel()
-                      for L, ai, o in zip(self.layers, a, outs, strict=True))
-        per_row *= self.theta.element_size()
-        return max(1, min(obj.n, MAX_CHUNK_ROWS, memory_budget // max(per_row, 1)))
+        return max(1, min(obj.n, MAX_CHUNK_ROWS, memory_budget // max(self.chunk_bytes_per_row(), 1)))
+
+    def chunk_bytes_per_row(self) -> int:
+        """Bytes per row of what a chunk keeps while it is processed (see :meth:`rows_per_chunk`)."""
+        _, positions, numels = self.probe()
+        per_row = sum(2 * T * (L.cols + L.out) + 3 * o for L, T, o in zip(self.layers, positions, numels, strict=True))
+        return per_row * self.theta.element_size()
+
+    def kept_bytes_per_row(self, columns: int) -> int:
+        """Bytes per row of a chunk's input rows of every layer and ``columns`` backpropagated columns into every
+        layer output, held beyond the chunk's own processing (EK-FAC's kept first pass)."""
+        _, positions, _ = self.probe()
+        per_row = sum(T * (L.cols + columns * L.out) for L, T in zip(self.layers, positions, strict=True))
+        return per_row * self.theta.element_size()
 
     # --- between the flat parameter vector and per-layer blocks -------------------------------------------
     def blocks(self, V: Tensor) -> list[Tensor]:

@@ -695,7 +695,7 @@ SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
     "minres": ("tol", "max_iter"),
     "lissa": ("scale", "depth", "repeats", "batch_size", "seed", "divergence_factor"),
     "arnoldi": ("rank", "iters", "seed"),
-    "ekfac": ("samples", "seed", "memory_budget"),  # influence_lib.ekfac: Gauss-Newton of Linear/Conv2d layers
+    "ekfac": ("samples", "fisher", "seed", "memory_budget"),  # influence_lib.ekfac: Linear/Conv2d layers
 }
 METHODS = tuple(SOLVER_OPTIONS)
 

@@ -45,6 +45,51 @@ def _reference_ekfac_scores(net, train, test, wd, damping):
 
 
 # --- 1. EK-FAC: layer-wise scores, chunk invariance, no [n, p] --------------------------------------------
+@pytest.mark.parametrize("options", [{}, {"samples": 2, "seed": 3}, {"fisher": "empirical"}])
+def test_ekfac_kept_first_pass_equals_the_streamed_passes(options):
+    # one pass kept in memory (the default budget) against three streamed passes (a budget too small to keep
+    # anything), in chunks of 7 rows either way: the same factors, eigenvalues and scores; and a preconditioner
+    # (for_scores=False) keeps nothing after fitting
+    net, (train, test) = _cnn(), _cnn_data()
+    obj = Objective(net, F.cross_entropy, *train, weight_decay=1e-2, chunk_size=7)
+    kept, streamed = EKFACSolver(obj, damping=0.1, **options), EKFACSolver(obj, damping=0.1, memory_budget=1, **options)
+    assert kept.passes == 1 and streamed.passes == 2
+    for a, b in zip(kept.Lam + kept.QS, streamed.Lam + streamed.QS, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kept.scores(*test), streamed.scores(*test), rtol=1e-11, atol=1e-14)
+    assert EKFACSolver(obj, damping=0.1, for_scores=False, **options)._kept is None
+
+
+def test_empirical_fisher_ekfac_is_the_empirical_fisher_in_its_eigenbasis():
+    # fisher="empirical": the factor S is the sum of the loss gradients' outer products at the layer outputs (for
+    # an MLP, the bias columns of the per-example gradients), and the corrected eigenvalues are the exact diagonal
+    # of the empirical Fisher (1/n) sum_i g_i g_i^T of the per-example gradients in the Kronecker eigenbasis
+    from test_ekfac import _layer_index
+    net = mlp(4, 3, depth=2, width=5, activation="tanh", seed=0, dtype=D)
+    g = torch.Generator().manual_seed(6)
+    X, y = torch.randn(40, 4, generator=g, dtype=D), torch.randint(0, 3, (40,), generator=g)
+    obj = Objective(net, F.cross_entropy, X, y, weight_decay=1e-2, chunk_size=9)
+    ek = EKFACSolver(obj, damping=0.1, fisher="empirical")
+    Gi = torch.cat([gi for _, gi in obj.per_sample_grads(obj.theta(), X, y)])  # [n, p] by vmap
+    F_emp = Gi.T @ Gi / obj.n
+    for L, QA, QS, lam in zip(ek.layers, ek.QA, ek.QS, ek.Lam, strict=True):
+        f = _layer_index(L)
+        Q = torch.kron(QS, QA)
+        torch.testing.assert_close(lam, torch.diagonal(Q.T @ F_emp[f][:, f] @ Q).reshape(L.out, L.cols),
+                                   rtol=1e-9, atol=1e-12)
+        gb = Gi[:, L.b_slice]  # the loss gradients into the layer's outputs
+        R = QS.T @ (gb.T @ gb) @ QS  # diagonal in the eigenbasis of S
+        torch.testing.assert_close(R - torch.diag(torch.diagonal(R)), torch.zeros_like(R), rtol=0, atol=1e-10)
+    want = _reference_ekfac_scores(net, (X, y), (X[:3], y[:3]), 1e-2, 0.1)  # the true Fisher: another matrix
+    got = il.influence(net, F.cross_entropy, (X, y), (X[:3], y[:3]), weight_decay=1e-2, method="ekfac", damping=0.1,
+                       fisher="empirical")
+    assert got.shape == want.shape and not torch.allclose(got, want)
+    with pytest.raises(ValueError, match="samples applies to fisher='true'"):
+        EKFACSolver(obj, damping=0.1, fisher="empirical", samples=2)
+    with pytest.raises(ValueError, match="fisher"):
+        EKFACSolver(obj, damping=0.1, fisher="sampled")
+
+
 def test_layerwise_ekfac_scores_equal_the_flat_route_for_every_chunking(monkeypatch):
     net, (train, test) = _cnn(), _cnn_data()
     want = _reference_ekfac_scores(net, train, test, 1e-2, 0.1)
@@ -67,7 +112,12 @@ def test_ekfac_chunks_follow_the_memory_budget():
     assert EKFACSolver(Objective(net, F.cross_entropy, *train, chunk_size=4), damping=0.1).rows == 4
     for a, b in zip(small.Lam + small.QA, large.Lam + large.QA, strict=True):
         torch.testing.assert_close(a.abs(), b.abs(), rtol=1e-9, atol=1e-12)  # eigenvectors up to sign
-    assert large.passes == 2  # factors, then eigenvalue correction
+    # the default budget holds all 30 rows' inputs and columns: one pass kept for the eigenvalues and the scores;
+    # one byte holds nothing: factors, eigenvalue correction and the scores stream a pass each
+    assert large.passes == 1 and small.passes == 2
+    test = _cnn_data()[1]
+    large.scores(*test), small.scores(*test)
+    assert large.passes == 1 and small.passes == 3
     g = torch.Generator().manual_seed(5)
     X, y = torch.randn(300, 4, generator=g, dtype=D), torch.randint(0, 3, (300,), generator=g)
     many = Objective(mlp(4, 3, depth=1, width=5, seed=0, dtype=D), F.cross_entropy, X, y, weight_decay=1e-2)
