@@ -156,7 +156,9 @@ def ihvp_cg(
         iters, max_directions = _block_cg(apply, Vb, X, R, vnorm, tol, max_iter, damping, announce=A.reserve)
     else:
         iters, max_directions = _columnwise_cg(apply, Vb, X, R, vnorm, tol, max_iter, damping, announce=A.reserve)
-    residual = (Vb - apply(X)).norm(dim=0) / vnorm.clamp_min(1e-300)
+    # every column ends with its true residual in R (each confirmed by a product when it converged, and left alone
+    # after that): no further product is needed to report it
+    residual = R.norm(dim=0) / vnorm.clamp_min(1e-300)
     info = {"iterations": iters.tolist(), "residual": residual.tolist(), "products": counter[0], "block": block,
             "max_directions": max_directions}
     return (X.squeeze(1) if single else X), info
@@ -347,6 +349,7 @@ def _columnwise_cg(apply, Vb: Tensor, X: Tensor, R: Tensor, vnorm: Tensor, tol: 
             R_true = Vb[:, d_idx] - apply(X[:, d_idx])
             ok = R_true.norm(dim=0) <= tol * vnorm[d_idx]
             active[d_idx[ok]] = False
+            R[:, d_idx[ok]] = R_true[:, ok]  # a converged column keeps its true residual
             redo = d_idx[~ok]
             if redo.numel():
                 Rr = R_true[:, ~ok]
