@@ -65,7 +65,10 @@ MIN_TOTAL_S, MAX_CALLS = 1.0, 50
 #: Settings of influence_lib's EK-FAC measured besides its default (the exact Gauss-Newton columns), for "faster at
 #: equal accuracy" against the anchors' EK-FAC, which estimate other matrices (kronfluence: sampled labels; dattri:
 #: the empirical Fisher, of its nn.Linear layers only unless told otherwise): run for influence_lib only.
-OURS_ONLY = {"ekfac-sampled": {"samples": 1}, "ekfac-empirical": {"fisher": "empirical"}}
+#: ``layers="linear"``: the parameters of the nn.Linear layers only (``params=``), the layers dattri's EK-FAC takes by
+#: default; the scores are still compared with the exact ones of all parameters.
+OURS_ONLY = {"ekfac-sampled": {"samples": 1}, "ekfac-empirical": {"fisher": "empirical"},
+             "ekfac-linear": {"layers": "linear"}}
 LIBS = ("influence_lib", "dattri", "curvlinops", "kronfluence", "torch-influence")
 
 
@@ -188,6 +191,10 @@ def scores_run(job, lib, model, train, test, adapter, out):
         def run():
             kw = dict(opts)
             calc_kw = {k: kw.pop(k) for k in ("chunk_size",) if k in kw}
+            if kw.pop("layers", None) == "linear":
+                calc_kw["params"] = [f"{name}.{p}" for name, m in model.named_modules()
+                                     if isinstance(m, torch.nn.Linear)
+                                     for p in ("weight", "bias") if getattr(m, p, None) is not None]
             calc = il.InfluenceCalculator(model, F.cross_entropy, train, weight_decay=WD, damping=job["damping"],
                                           method=method, **calc_kw, **kw)
             s = calc.scores(test)
@@ -360,7 +367,7 @@ def main(argv=None) -> int:
                 else:
                     row["error"] = r["error"]
                     msg = f"{r['status']}: {r['error'][:120]}"
-                print(f"  {method:<8}{lib:<15}{msg}", flush=True)
+                print(f"  {method:<16}{lib:<15}{msg}", flush=True)
                 entry["results"].append(row)
         # HVP and gradient cost
         costs = {}
