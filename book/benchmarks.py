@@ -32,9 +32,11 @@
 # [kronfluence](https://github.com/pomonam/kronfluence) (torch-influence is not installable from a package
 # index and is left out), on the same trained model, data, weight decay and damping. Each measurement runs in
 # a fresh process (after an untimed warm-up on a few points, which absorbs one-off import costs), which reports
-# the wall time of the whole call (the fastest of at least three calls and of as many more as fit in one second, at
-# most 50, within 10 s: the neighbours of a shared machine only ever add time, and a call of a few milliseconds is
-# then the fastest of dozens) and its peak memory (growth of the process's maximum resident set). Settings
+# the wall time of the whole call (the fastest of at least three calls and of as many more as fit in three seconds,
+# at most 50, within 10 s, and never of fewer than two: the neighbours of a shared machine only ever add time, a call
+# of a few milliseconds is then the fastest of dozens, and no library is timed by a first call alone, which can
+# carry one-off costs: dattri's first CG call on a problem took several seconds against about one for the next) and
+# its peak memory (growth of the process's maximum resident set). Settings
 # are matched per method: the same LiSSA depth and scale, the same Arnoldi rank and number of Krylov steps,
 # and the anchors' CG runs the number of steps that standard CG (one Krylov space per test point) needs to reach
 # relative residual 1e-8 on the same system; `influence_lib` runs block CG (one Krylov space shared by all test
@@ -229,7 +231,7 @@ if compare is not None:
             "saves fewer steps at a loose tolerance than at 1e-8, a run too short to pay for the dense Hessian stays "
             "on products, and one product costs about as much in every library (it is bound by the model's own "
             "kernels, profile below; last table of this section). The Iris calls take a few milliseconds, mostly "
-            "fixed costs. The ratios move by up to about 30% between runs on this shared machine."
+            "fixed costs. The ratios move by tens of percent between runs on this shared machine, at times by up to 2x for the calls of well under a second."
             if len(short) else ".")))
     ek = ok[(ok["method"] == "ekfac") & rat.loc[ok.index, "fastest_as_accurate"].apply(lambda f: isinstance(f, dict))]
     if len(ek):

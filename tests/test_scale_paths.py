@@ -60,6 +60,15 @@ def test_ekfac_kept_first_pass_equals_the_streamed_passes(options):
     assert EKFACSolver(obj, damping=0.1, for_scores=False, **options)._kept is None
 
 
+def test_ekfac_reuses_the_calculators_layer_gradients_only_for_its_own_objective():
+    net, (train, test) = _cnn(), _cnn_data()
+    calc = il.InfluenceCalculator(net, F.cross_entropy, train, weight_decay=1e-2, damping=0.1, method="ekfac")
+    calc.scores(test)
+    assert calc.solver.grads is calc._layer_grads  # its one-row probe is not made twice
+    other = Objective(net, F.cross_entropy, *_cnn_data(n=12)[0], weight_decay=1e-2)
+    assert EKFACSolver(other, damping=0.1, layer_gradients=calc._layer_grads).grads is not calc._layer_grads
+
+
 def test_empirical_fisher_ekfac_is_the_empirical_fisher_in_its_eigenbasis():
     # fisher="empirical": the factor S is the sum of the loss gradients' outer products at the layer outputs (for
     # an MLP, the bias columns of the per-example gradients), and the corrected eigenvalues are the exact diagonal
