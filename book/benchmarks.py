@@ -244,13 +244,16 @@ if compare is not None:
                          "settings whose scores are at least as close to the exact ones:\n\n"
                          + "\n".join(ek_line(r) for _, r in ek.iterrows())))
     if len(short) and "fastest_as_accurate" in rat:
+        def secs(t: float) -> str:
+            return f"{t * 1e3:.1f} ms" if t < 0.1 else f"{t:.2f} s"
+
         def best_anchor(r) -> str:
             b = r.get("fastest_anchor_as_accurate") if "fastest_anchor_as_accurate" in rat else None
             if not isinstance(b, dict) or "speedup_best_vs_best" not in b:
                 return ""
-            return (f"; the fastest anchor call at that accuracy is {b['lib']} {b['method']} in {b['time_s']:.2f} s, "
+            return (f"; the fastest anchor call at that accuracy is {b['lib']} {b['method']} in {secs(b['time_s'])}, "
                     f"{b['speedup_best_vs_best']:.2f}x our time")
-        alt = [f"{r.problem} {r.method} against {r.anchor}: {f['method']} in {f['time_s']:.2f} s (rel. error "
+        alt = [f"{r.problem} {r.method} against {r.anchor}: {f['method']} in {secs(f['time_s'])} (rel. error "
                f"{f['rel_error']:.1e} against the anchor's {r.anchor_rel_error:.1e}), {f['speedup']:.2f}x"
                + best_anchor(r)
                for _, r in short.iterrows() for f in [r.get("fastest_as_accurate")] if isinstance(f, dict)]
