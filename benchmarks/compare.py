@@ -5,7 +5,7 @@ torch-influence where installed), in one run on this machine.
 
 For each problem (an Iris MLP, a small CNN on small MNIST, a larger CNN on small MNIST; float64, the same
 trained model, data, weight decay and damping for every library) and each inverse-HVP method that a library
-offers (exact, cg to 1e-8 and to 1e-3, lissa, arnoldi, ekfac; and two more settings of influence_lib's EK-FAC,
+offers (exact, cg to 1e-8 and to 1e-3, lissa, arnoldi, ekfac; and three more settings of influence_lib's EK-FAC,
 ``OURS_ONLY``), the scores of every training point for every test point are computed in a fresh subprocess, which
 reports
 

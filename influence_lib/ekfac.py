@@ -156,7 +156,7 @@ class EKFACSolver:
         # rows per chunk: the objective's chunk_size, else what fits the budget (LayerGradients.rows_per_chunk)
         self.rows = self.grads.rows_per_chunk(self.memory_budget)
         # the training rows' inputs and loss gradients into the layer outputs, kept from the first pass for scores
-        self._kept: list[tuple[slice, list[Tensor], list[Tensor]]] | None = None
+        self._kept: list[tuple[list[Tensor], list[Tensor]]] | None = None
         self._fit(for_scores)
 
     def _columns(self, f: Tensor, sl: slice, signs: Tensor | None) -> Tensor:
@@ -209,7 +209,7 @@ class EKFACSolver:
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
         keep = self._keeps_first_pass(for_scores)
         signs = signs_lam = None
-        kept = []  # per chunk: (rows, input rows, the eigenvalue pass's columns, the loss gradients) when keep
+        kept = []  # per chunk: (input rows, the eigenvalue pass's columns, the loss gradients) when keep
         for sl in self._chunks(obj.n):
             f, a, outs = self.grads.forward(obj.X[sl], keep=keep)
             # the loss of the chunk's rows at theta, from this pass's outputs (InfluenceCalculator leaves it to us)
@@ -241,7 +241,7 @@ class EKFACSolver:
                 if keep and for_scores and k == loss_at:
                     loss_cols = g
             if keep:
-                kept.append((sl, a, lam_cols, loss_cols))
+                kept.append((a, lam_cols, loss_cols))
         self.passes += 1
         # the factors only fix the eigenbasis; their scale does not matter (the eigenvalues are refitted)
         self.QA = [torch.linalg.eigh(_mirror_lower(M))[1] for M in A]
@@ -249,9 +249,9 @@ class EKFACSolver:
         Lam = [torch.zeros(L.out, L.cols, dtype=dt, device=dev) for L in self.layers]
         buffers: dict = {}  # reused from chunk to chunk (see layer_grads.scratch)
         if keep:
-            for _, a, lam_cols, _ in kept:
+            for a, lam_cols, _ in kept:
                 self._add_eigenvalues(Lam, a, lam_cols, K, buffers)
-            self._kept = [(sl, a, g) for sl, a, _, g in kept] if for_scores else None
+            self._kept = [(a, g) for a, _, g in kept] if for_scores else None
         else:
             for sl in self._chunks(obj.n):
                 f, a, outs = self.grads.forward(obj.X[sl])
@@ -310,7 +310,7 @@ class EKFACSolver:
                                      for w, QA, QS, Lam in zip(W, self.QA, self.QS, self.Lam, strict=True)])
         obj = self.objective
         if self._kept is not None:
-            out = [self.grads.contract(W, a, g) for _, a, g in self._kept]
+            out = [self.grads.contract(W, a, g) for a, g in self._kept]
         else:
             out = [self.grads.inner_products(W, obj.X[sl], obj.y[sl]) for sl in self._chunks(obj.n)]
             self.passes += 1
