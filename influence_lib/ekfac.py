@@ -21,26 +21,29 @@ the same damping convention as every other solver (weight decay is part of the c
 and ``nn.Conv2d`` (``groups=1``, zero padding, each layer called once per forward pass); any other selected
 parameter raises a ``ValueError`` naming it.
 
-Cost and memory (what makes it usable at scale): fitting is two passes over the training data, scoring one more.
-Every pass works on chunks of rows with batched per-layer tensor products: layer inputs from forward hooks,
-backpropagated vectors from ``autograd.grad`` into the layer outputs (one backward per column of ``B``, batched
-over the rows), corrected eigenvalues from the rotated rows (``(a Q_A)``, ``(g Q_S)``) without any per-example
-Python loop. Scores are computed layer by layer: ``score_ti = sum_l <W_tl, G_il>`` with ``W_tl`` the
-preconditioned test gradient of layer ``l`` and ``G_il`` the per-example gradient of that layer, formed for one
-chunk of training rows at a time, so no ``[n, p]`` matrix of gradients exists. The chunk is the objective's
-``chunk_size`` or what fits ``memory_budget`` bytes. ``samples=s`` replaces the ``K`` exact columns of ``B_i``
-(``K = C - 1`` for cross-entropy, ``C`` otherwise) by ``s`` random-sign combinations ``B_i eps / sqrt(s)``
+Cost and memory (what makes it usable at scale): streamed, fitting is two passes over the training data (factors,
+then eigenvalues) and scoring one more; where it fits ``memory_budget``, the first pass keeps what the others need
+of its backpropagated columns (:meth:`EKFACSolver.plan`: every layer, or the first convolutions as per-example
+gradients with the other layers recomputed by backward passes that stop at them), so that the exact columns are
+backpropagated in full once instead of twice. Every pass works on chunks of rows with batched per-layer tensor
+products: layer inputs from forward hooks, backpropagated vectors from ``autograd.grad`` into the layer outputs (one
+backward per column of ``B``, batched over the rows), corrected eigenvalues from the rotated rows (``(a Q_A)``,
+``(g Q_S)``) without any per-example Python loop. Scores are computed layer by layer: ``score_ti = sum_l <W_tl, G_il>``
+with ``W_tl`` the preconditioned test gradient of layer ``l`` and ``G_il`` the per-example gradient of that layer,
+formed for one chunk of training rows at a time, so no ``[n, p]`` matrix of gradients exists. The chunk is the
+objective's ``chunk_size`` or what fits ``memory_budget`` bytes. ``samples=s`` replaces the ``K`` exact columns of
+``B_i`` (``K = C - 1`` for cross-entropy, ``C`` otherwise) by ``s`` random-sign combinations ``B_i eps / sqrt(s)``
 (Rademacher ``eps``; ``E[r r^T] = B_i B_i^T``), an unbiased estimate of the same factors and eigenvalues (like the
 sampled-label Fisher of kronfluence) with ``s`` instead of ``K`` backward columns per pass; the default ``None`` is
 exact. ``fisher="empirical"`` estimates the empirical Fisher instead, ``(1/n) sum_i vec(G_i) vec(G_i)^T`` of the
 per-example loss gradients ``G_i`` (the loss gradient in output space as the one column; dattri's EK-FAC): one
-backward column per pass, and a different matrix from the Gauss-Newton one (it is the Gauss-Newton matrix only
-in expectation over labels drawn from the model, and is known to be a worse curvature estimate away from a
-perfect fit).
-"""
+backward column per pass, and a different matrix from the Gauss-Newton one (it is the Gauss-Newton matrix only in
+expectation over labels drawn from the model, and is known to be a worse curvature estimate away from a perfect
+fit)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +59,9 @@ from .validation import check_choice, check_finite, check_nonneg, check_positive
 #: core's cache while it is squared and summed (on the ResNet of ``benchmarks/scale.py``, 100 x 901 blocks: 6.5 ms
 #: for 96 examples in pairs against 31 ms in one product, and no slower for the smaller blocks of its other layers).
 LAM_GROUP_BYTES = 2**20
+#: With ``samples``, the first pass keeps every layer only where that takes at most this fraction (1/KEEP_SMALL) of
+#: ``memory_budget`` (see :meth:`EKFACSolver.plan`).
+KEEP_SMALL = 16
 #: The curvature the factors and eigenvalues estimate: "true", the Gauss-Newton matrix (exact columns of the loss
 #: Hessian's square root, or ``samples`` random-sign combinations of them), or "empirical", the empirical Fisher
 #: ``(1/n) sum_i g_i g_i^T`` of the per-example loss gradients (one column per row; dattri's EK-FAC).
@@ -89,6 +95,30 @@ def _loss_hessian_sqrt(objective: Objective, f: Tensor, y: Tensor) -> Tensor:
 
 
 
+@dataclass
+class KeepPlan:
+    """What EK-FAC's first pass keeps of every chunk for the eigenvalue correction and the scores (see
+    :meth:`EKFACSolver.plan`): ``columns`` backpropagated columns per row (the eigenvalue pass's ``lam`` of them,
+    then, at index ``score``, the loss gradient where it is kept for the scores, else ``score`` is None), per layer in
+    the form ``forms[l]``: ``"rows"`` keeps the columns at the layer output (``[b, columns, T, out]``) and the
+    layer's input rows, ``"gradient"`` the per-example layer gradients the columns make, transposed (``[b, columns,
+    cols, out]``: far smaller for a convolution with many output positions and a small kernel), ``"recompute"``
+    nothing: a later pass recomputes the layer's columns by a forward pass and a backward pass that stops at the
+    earliest such layer (cheap where the kept layers are the early ones). ``bytes``: the estimate of all that is
+    kept, over the whole training set."""
+
+    forms: list[str]
+    columns: int
+    lam: int
+    score: int | None
+    bytes: int
+
+    @property
+    def recomputed(self) -> list[int]:
+        """The indices of the ``"recompute"`` layers."""
+        return [i for i, form in enumerate(self.forms) if form == "recompute"]
+
+
 def _add_lower_gram(A: Tensor, M: Tensor, band: int = 128) -> None:
     """``A += M M^T`` on and below the diagonal only (``M`` ``[d, N]``), one row band of ``band`` rows at a time:
     about ``(d + band) / (2 d)`` of the full product's work for ``d`` well above ``band`` (65% for ``d = 401``).
@@ -116,14 +146,17 @@ class EKFACSolver:
     rows as fit ``memory_budget`` bytes of intermediates; nothing of size ``[n, p]`` is ever formed. Results do
     not depend on the chunking (up to floating-point summation order).
 
-    Where the whole training set's layer inputs and backpropagated columns fit ``memory_budget`` (together with
-    one chunk's intermediates), the first pass keeps them: the eigenvalue correction is computed from the kept
-    columns (those of its own random signs, with ``samples``, backpropagated on the same graph) and, with
+    Where what the later passes need of the backpropagated columns fits ``memory_budget`` (together with one
+    chunk's intermediates), the first pass keeps it (:meth:`plan`): the eigenvalue correction is computed from the
+    kept columns (those of its own random signs, with ``samples``, backpropagated on the same graph) and, with
     ``for_scores=True``, the training rows' loss gradients are pulled back on that graph too and kept for
-    :meth:`scores`. One pass over the data in all instead of three, with the same values (the same columns and
-    signs as the streamed passes); ``passes`` counts the passes made (2 after a streamed fit, 1 after a kept one;
-    :meth:`scores` adds one where it needs its own). ``for_scores=False`` (a preconditioner, :meth:`solve` only)
-    keeps nothing after fitting.
+    :meth:`scores`. Each layer keeps its columns at its outputs with its input rows or, where smaller, the
+    per-example gradients they make; where not all of that fits, only the layers whose gradients are the smaller
+    form (the first convolutions, typically) are kept, and the others are recomputed by passes whose backward stops
+    at them. The same values either way (the same columns and signs as the streamed passes). ``passes`` counts the
+    passes over the training data: 1 after a fit that kept every layer, 2 after a streamed one or one that
+    recomputes layers; :meth:`scores` adds one where it needs its own. ``for_scores=False`` (a preconditioner,
+    :meth:`solve` only) keeps nothing after fitting.
     """
 
     def __init__(self, objective: Objective, theta: Tensor | None = None, damping: float = 0.0, *,
@@ -155,8 +188,9 @@ class EKFACSolver:
         self.passes = 0  # passes over the training data so far (see the class docstring)
         # rows per chunk: the objective's chunk_size, else what fits the budget (LayerGradients.rows_per_chunk)
         self.rows = self.grads.rows_per_chunk(self.memory_budget)
-        # the training rows' inputs and loss gradients into the layer outputs, kept from the first pass for scores
-        self._kept: list[tuple[list[Tensor], list[Tensor]]] | None = None
+        self.keep_plan: KeepPlan | None = None  # what the first pass keeps (see plan)
+        # per chunk of training rows: its rows and what the scores need of the first pass (see _score_factors)
+        self._kept: list[tuple[slice, list[Tensor | None], list[Tensor | None]]] | None = None
         self._fit(for_scores)
 
     def _columns(self, f: Tensor, sl: slice, signs: Tensor | None) -> Tensor:
@@ -172,12 +206,15 @@ class EKFACSolver:
         return B @ signs[sl].to(B) / self.samples ** 0.5
 
     def _column_count(self) -> int:
-        """``K``, or a bound on it: the output-space columns per row of one pass (see :meth:`_columns`)."""
+        """``K``: the output-space columns per row of one pass (see :meth:`_columns`), from one training row."""
         if self.fisher == "empirical":
             return 1
         if self.samples is not None:
             return self.samples
-        return self.grads.probe()[0]  # the model's outputs per row: at least the columns of the loss Hessian's root
+        obj = self.objective
+        with torch.no_grad():
+            f = obj.forward(self.theta, obj.X[:1])
+        return _loss_hessian_sqrt(obj, f, obj.y[:1]).shape[2]
 
     def _signs(self, K: int, pass_index: int) -> Tensor | None:
         """Rademacher signs ``[n, K, samples]`` for the pass ``pass_index`` (0: factors, 1: eigenvalues), drawn for
@@ -192,14 +229,58 @@ class EKFACSolver:
         for start in range(0, n, self.rows):
             yield slice(start, min(start + self.rows, n))
 
-    def _keeps_first_pass(self, for_scores: bool) -> bool:
-        """Whether the first pass keeps every chunk's input rows and backpropagated columns (see the class
-        docstring): where they and one chunk's own intermediates fit ``memory_budget`` together."""
+    def plan(self, for_scores: bool = True) -> KeepPlan | None:
+        """What the first pass keeps within ``memory_budget`` (with one chunk's own intermediates), or None where
+        nothing fits and every pass streams. The first that fits of: (1) every layer, each in its smaller form, the
+        eigenvalue pass's columns and (``for_scores``) the loss gradient: one pass over the data in all (with
+        ``samples`` only where that is at most ``1 / KEEP_SMALL`` of the budget: it saves no backward work then);
+        (2) the layers whose per-example gradients are smaller than their columns at the outputs (more output
+        positions than kernel columns: typically the first convolutions, which the backward pass reaches last) as
+        gradients, the others recomputed (a forward and a partial backward pass for the eigenvalues, one for the
+        scores), where that backpropagates less than streaming (:meth:`_partial_passes_pay`). Per row
+        and layer of ``T`` output positions, ``c`` columns keep ``c T out`` values at the outputs plus ``T cols``
+        input rows, or ``c cols out`` as gradients (only where ``T > 1``)."""
         K = self._column_count()
-        shared = self.fisher == "empirical"  # the one column is the loss gradient: it serves all three uses
+        shared = self.fisher == "empirical"  # the one column is the loss gradient: it serves every use
+        _, positions, _ = self.grads.probe()
+        elt, n = self.theta.element_size(), self.objective.n
+        room = self.memory_budget - self.rows * self.grads.chunk_bytes_per_row()
         columns = K + (for_scores and not shared)
-        kept = self.objective.n * self.grads.kept_bytes_per_row(columns)
-        return kept + self.rows * self.grads.chunk_bytes_per_row() <= self.memory_budget
+        score = (0 if shared else K) if for_scores else None
+        forms, per_row = [], 0
+        for L, T in zip(self.layers, positions, strict=True):
+            rows, gradient = columns * T * L.out + T * L.cols, columns * L.cols * L.out
+            forms.append("gradient" if T > 1 and gradient < rows else "rows")
+            per_row += gradient if forms[-1] == "gradient" else rows
+        # with samples the first pass backpropagates the eigenvalues' own columns as well, so keeping every layer
+        # saves two forward passes and no backward work: worth it only where what it keeps is small (on the LeNet of
+        # benchmarks/scale.py, keeping 435 MB with samples=1 made EK-FAC no faster and its process 0.55 GB larger)
+        small = n * per_row * elt <= self.memory_budget // KEEP_SMALL
+        if n * per_row * elt <= room and (small or self.samples is None or self.fisher == "empirical"):
+            return KeepPlan(forms, columns, K, score, n * per_row * elt)
+        forms = ["gradient" if T > 1 and L.cols < T else "recompute" for L, T in zip(self.layers, positions,
+                                                                                      strict=True)]
+        if "gradient" not in forms or not self._partial_passes_pay(forms, K, for_scores):
+            return None
+        kept = sum(columns * L.cols * L.out for L, form in zip(self.layers, forms, strict=True) if form == "gradient")
+        # the partial pass holds its K columns of the recomputed layers at once, for one chunk
+        stacked = sum(K * T * L.out for L, T, form in zip(self.layers, positions, forms, strict=True)
+                      if form == "recompute")
+        if (n * kept + self.rows * stacked) * elt <= room:
+            return KeepPlan(forms, columns, K, score, n * kept * elt)
+        return None
+
+    def _partial_passes_pay(self, forms: list[str], K: int, for_scores: bool) -> bool:
+        """Whether plan (2) of :meth:`plan` backpropagates less than streaming, by the layers' products
+        (:meth:`LayerGradients.backward_flops`): its first pass backpropagates the eigenvalue pass's columns (their
+        own, with ``samples``) and the loss gradient in full, then ``K`` columns and the loss gradient only down to
+        the recomputed layers; streaming backpropagates ``K`` columns twice and the loss gradient once, in full."""
+        full = self.grads.backward_flops()
+        part = self.grads.backward_flops([i for i, form in enumerate(forms) if form == "recompute"])
+        shared_lam = self.samples is None or self.fisher == "empirical"  # the factors' columns serve the eigenvalues
+        loss_column = for_scores and self.fisher != "empirical"
+        first = K + (0 if shared_lam else K) + loss_column
+        return first * full + (K + for_scores) * part < (2 * K + for_scores) * full
 
     # --- fitting ------------------------------------------------------------------------------------------
     def _fit(self, for_scores: bool) -> None:
@@ -207,11 +288,11 @@ class EKFACSolver:
         dt, dev = self.theta.dtype, self.theta.device
         A = [torch.zeros(L.cols, L.cols, dtype=dt, device=dev) for L in self.layers]
         S = [torch.zeros(L.out, L.out, dtype=dt, device=dev) for L in self.layers]
-        keep = self._keeps_first_pass(for_scores)
+        plan = self.keep_plan = self.plan(for_scores)
         signs = signs_lam = None
-        kept = []  # per chunk: (input rows, the eigenvalue pass's columns, the loss gradients) when keep
+        kept = []  # per chunk: (rows, input rows or None, per layer the kept columns stacked), where plan
         for sl in self._chunks(obj.n):
-            f, a, outs = self.grads.forward(obj.X[sl], keep=keep)
+            f, a, outs = self.grads.forward(obj.X[sl], keep=plan is not None and "rows" in plan.forms)
             # the loss of the chunk's rows at theta, from this pass's outputs (InfluenceCalculator leaves it to us)
             check_finite("loss at the model's current parameters", obj.loss_fn(f.detach(), obj.y[sl]))
             if self.samples is not None and signs is None:  # against the columns of the loss Hessian's root
@@ -221,37 +302,49 @@ class EKFACSolver:
                 _add_lower_gram(A[i], row_matrix(ai))  # rows as [cols, b*T] (a view); A is symmetric
             cols = self._columns(f, sl, signs)
             K = cols.shape[2]
-            parts = [cols]
-            lam_at = 0  # where the eigenvalue pass's K columns start among the backpropagated ones
-            if keep and signs_lam is not None:  # the eigenvalue pass's own random signs, from the same graph
-                parts.append(self._columns(f, sl, signs_lam))
-                lam_at = K
-            loss_at = 0  # the loss gradient's column (the empirical Fisher's only column serves all three uses)
-            if keep and for_scores and self.fisher != "empirical":
-                parts.append(self.grads.loss_gradient_column(f, obj.y[sl]))
-                loss_at = sum(q.shape[2] for q in parts) - 1
-            lam_cols, loss_cols = [], None
+            parts, lam_at, wanted = [cols], 0, set()
+            if plan is not None:
+                if signs_lam is not None:  # the eigenvalue pass's own random signs, from the same graph
+                    parts.append(self._columns(f, sl, signs_lam))
+                    lam_at = K
+                wanted = set(range(lam_at, lam_at + K))
+                if plan.score is not None and self.fisher != "empirical":  # the loss gradient's own column
+                    parts.append(self.grads.loss_gradient_column(f, obj.y[sl]))
+                    wanted.add(lam_at + K)
+            store: list[list[Tensor]] = [[] for _ in self.layers]
             for k, g in enumerate(self.grads.backprop_columns(f, outs, torch.cat(parts, 2))):  # one at a time
-                if k < K:
-                    for i, gk in enumerate(g):
+                for i, gk in enumerate(g):
+                    if k < K:
                         g2 = gk.reshape(-1, gk.shape[-1])  # [b*T, out]
                         S[i] += g2.T @ g2
-                if keep and lam_at <= k < lam_at + K:
-                    lam_cols.append(g)
-                if keep and for_scores and k == loss_at:
-                    loss_cols = g
-            if keep:
-                kept.append((a, lam_cols, loss_cols))
+                    if k in wanted and plan.forms[i] != "recompute":  # G_i^T = a_i^T g_i, or the column itself
+                        store[i].append(torch.bmm(a[i].transpose(1, 2), gk) if plan.forms[i] == "gradient" else gk)
+            if plan is not None:  # the input rows of the "rows" layers only
+                kept.append((sl, [ai if form == "rows" else None for ai, form in zip(a, plan.forms, strict=True)],
+                             [torch.stack(c, 1) if c else None for c in store]))
         self.passes += 1
         # the factors only fix the eigenbasis; their scale does not matter (the eigenvalues are refitted)
         self.QA = [torch.linalg.eigh(_mirror_lower(M))[1] for M in A]
         self.QS = [torch.linalg.eigh(M)[1] for M in S]
         Lam = [torch.zeros(L.out, L.cols, dtype=dt, device=dev) for L in self.layers]
         buffers: dict = {}  # reused from chunk to chunk (see layer_grads.scratch)
-        if keep:
-            for a, lam_cols, _ in kept:
-                self._add_eigenvalues(Lam, a, lam_cols, K, buffers)
-            self._kept = [(a, g) for a, _, g in kept] if for_scores else None
+        if plan is not None:
+            again = plan.recomputed
+            self._kept = [] if for_scores else None
+            while kept:  # each chunk's columns are released as soon as its eigenvalues are added
+                sl, a, columns = kept.pop(0)
+                if again:  # the recomputed layers' columns: a forward and a backward pass down to them
+                    f, fresh, outs = self.grads.forward(obj.X[sl])
+                    store = [[] for _ in self.layers]
+                    for g in self.grads.backprop_columns(f, outs, self._columns(f, sl, signs_lam), only=again):
+                        for i in again:
+                            store[i].append(g[i])
+                    for i in again:
+                        a[i], columns[i] = fresh[i], torch.stack(store[i], 1)
+                self._add_kept_eigenvalues(Lam, a, columns, plan, buffers)
+                if for_scores:
+                    self._kept.append((sl, *self._score_factors(a, columns, plan)))
+            self.passes += bool(again)
         else:
             for sl in self._chunks(obj.n):
                 f, a, outs = self.grads.forward(obj.X[sl])
@@ -259,6 +352,52 @@ class EKFACSolver:
                 self._add_eigenvalues(Lam, a, self.grads.backprop_columns(f, outs, cols), cols.shape[2], buffers)
             self.passes += 1
         self.Lam = [L / obj.n for L in Lam]
+
+    def _score_factors(self, a: list[Tensor | None], columns: list[Tensor | None], plan: KeepPlan
+                       ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """What :meth:`scores` needs of a kept chunk, for :meth:`LayerGradients.contract`, as tensors of their own
+        (the chunk's other columns are freed): per layer the input rows and the loss gradient at the outputs
+        (``"rows"``), the per-example gradients ``G_i^T`` (``"gradient"``), or None for both (``"recompute"``: the
+        scores recompute them)."""
+        rows, grads = [], []
+        for ai, C, form in zip(a, columns, plan.forms, strict=True):
+            keep = form != "recompute"
+            rows.append(ai if form == "rows" else None)
+            grads.append(C[:, plan.score].clone() if keep else None)
+        return rows, grads
+
+    def _add_kept_eigenvalues(self, Lam: list[Tensor], a: list[Tensor | None], columns: list[Tensor],
+                              plan: KeepPlan, buffers: dict) -> None:
+        """:meth:`_add_eigenvalues` for one kept chunk: per layer the first ``plan.lam`` kept columns, all at once
+        (``[b, c, T, out]`` at the outputs, or the gradients ``[b, c, cols, out]`` they make)."""
+        K = plan.lam
+        for i, (L, form, ai, C) in enumerate(zip(self.layers, plan.forms, a, columns, strict=True)):
+            QA, QS = self.QA[i], self.QS[i]
+            b = C.shape[0]
+            if form == "gradient":  # (Q_A^T G^T Q_S)^2 summed over examples and columns, in cache-sized groups
+                for ex in example_groups(b, K * L.cols * L.out, C.element_size(), LAM_GROUP_BYTES):
+                    R = QA.T @ C[ex, :K] @ QS  # [e, K, cols, out]
+                    Lam[i] += R.square_().sum((0, 1)).T
+                continue
+            T = ai.shape[1]
+            if T == 1:  # (g a^T)^2 = g^2 (a^2)^T, summed over the columns first
+                Lam[i] += (C[:, :K, 0] @ QS).square().sum(1).T @ (ai[:, 0] @ QA).square()
+                continue
+            if T * L.cols <= K * L.out * (L.out + L.cols):  # rotate the inputs once, then one product per group
+                R = scratch(buffers, ("rotated", i), (L.cols, b * T), ai)
+                torch.mm(QA.T, row_matrix(ai), out=R)
+                rotated = R.view(L.cols, b, T).permute(1, 2, 0)  # [b, T, cols]
+                gq = (C[:, :K] @ QS).transpose(2, 3).reshape(b, K * L.out, T)  # all K columns of an example
+                for ex in example_groups(b, K * L.out * L.cols, ai.element_size(), LAM_GROUP_BYTES):
+                    G = scratch(buffers, "gradient", (ex.stop - ex.start, K * L.out, L.cols), ai)
+                    torch.bmm(gq[ex], rotated[ex], out=G)
+                    Lam[i] += G.square_().view(-1, L.out, L.cols).sum(0)
+                continue
+            for k in range(K):  # few columns, many positions: form each [out, cols] gradient, then rotate it
+                gk = C[:, k].transpose(1, 2)  # [b, out, T]
+                for ex in example_groups(b, L.out * L.cols, ai.element_size(), LAM_GROUP_BYTES):
+                    G = scratch(buffers, "gradient", (ex.stop - ex.start, L.out, L.cols), ai)
+                    Lam[i] += (QS.T @ torch.bmm(gk[ex], ai[ex], out=G) @ QA).square_().sum(0)
 
     def _add_eigenvalues(self, Lam: list[Tensor], a: list[Tensor], columns, K: int, buffers: dict) -> None:
         """Add one chunk's squared rotated per-example gradients to ``Lam``: for each of its ``K`` backpropagated
@@ -310,7 +449,17 @@ class EKFACSolver:
                                      for w, QA, QS, Lam in zip(W, self.QA, self.QS, self.Lam, strict=True)])
         obj = self.objective
         if self._kept is not None:
-            out = [self.grads.contract(W, a, g) for a, g in self._kept]
+            again, out = self.keep_plan.recomputed, []
+            for sl, a, g in self._kept:
+                if again:  # the recomputed layers' loss gradients: a forward and a backward pass down to them
+                    f, fresh, outs = self.grads.forward(obj.X[sl])
+                    loss = next(self.grads.backprop_columns(f, outs, self.grads.loss_gradient_column(f, obj.y[sl]),
+                                                            only=again))
+                    a, g = list(a), list(g)
+                    for i in again:
+                        a[i], g[i] = fresh[i], loss[i]
+                out.append(self.grads.contract(W, a, g))
+            self.passes += bool(again)
         else:
             out = [self.grads.inner_products(W, obj.X[sl], obj.y[sl]) for sl in self._chunks(obj.n)]
             self.passes += 1

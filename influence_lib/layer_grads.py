@@ -195,6 +195,7 @@ class LayerGradients:
         self._rows_buffers: list[Tensor | None] = [None] * len(self.layers)  # see forward
         self._scratch: dict = {}  # see inner_products
         self._probe: tuple[int, list[int], list[int]] | None = None  # see probe
+        self._order: list[int] = []  # the layers' indices in the order the last forward pass called them
 
     @classmethod
     def supports(cls, objective: Objective, theta: Tensor) -> LayerGradients | None:
@@ -216,12 +217,23 @@ class LayerGradients:
             self._probe = (f[0].numel(), [ai.shape[1] for ai in a], [o.numel() for o in outs])
         return self._probe
 
-    def forward(self, X: Tensor, keep: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def backward_flops(self, only: list[int] | None = None) -> int:
+        """Floating-point operations per row of one backward column from the model's outputs down to the outputs of
+        the layers ``only`` (default: all): the input gradients of every layer the forward pass calls after the
+        earliest of them, ``2 T out d_in`` each. A cost model only (the layers' products, nothing else of the
+        model), to compare backward passes that stop at different layers."""
+        _, positions, _ = self.probe()
+        idx = range(len(self.layers)) if only is None else only
+        first = min(self._order.index(i) for i in idx)
+        return sum(2 * positions[i] * self.layers[i].out * self.layers[i].d_in for i in self._order[first + 1:])
+
+    def forward(self, X: Tensor, keep: bool = False, graph: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``).
 
         The input rows of convolutions are written into the buffers of the previous call where the shapes agree
         (chunk after chunk): they are valid until the next call of :meth:`forward`; with ``keep=True`` they are
-        fresh tensors that later calls leave alone (for callers that hold several chunks at once)."""
+        fresh tensors that later calls leave alone (for callers that hold several chunks at once). ``graph=False``:
+        no autograd graph is recorded (for callers that need only the input rows; nothing can be backpropagated)."""
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
 
@@ -241,8 +253,8 @@ class LayerGradients:
 
         handles = [L.module.register_forward_hook(hook(i)) for i, L in enumerate(self.layers)]
         try:
-            with torch.enable_grad():
-                leaf = self.theta.clone().requires_grad_(True)
+            with torch.set_grad_enabled(graph):
+                leaf = self.theta.clone().requires_grad_(True) if graph else self.theta
                 f = self.objective.forward(leaf, X)
         finally:
             for h in handles:
@@ -250,6 +262,7 @@ class LayerGradients:
         missing = [L.weight for i, L in enumerate(self.layers) if i not in outputs]
         if missing:
             raise ValueError(f"{self.who}: the layers of {missing} are not called by the model's forward pass")
+        self._order = list(outputs)  # dicts keep insertion order: the order the hooks ran in
         if keep:
             rows = [input_rows(L, inputs[i]) for i, L in enumerate(self.layers)]
         else:
@@ -257,15 +270,21 @@ class LayerGradients:
             self._rows_buffers = rows
         return f, rows, [outputs[i] for i in range(len(self.layers))]
 
-    def backprop_columns(self, f: Tensor, outs: list[Tensor], cols: Tensor):
+    def backprop_columns(self, f: Tensor, outs: list[Tensor], cols: Tensor, only: list[int] | None = None):
         """Yield, for each column ``k`` of the output-space vectors ``cols`` ``[b, C, K]``, the list over layers of
         that column pulled back to the layer outputs, ``[b, T, out]`` (one backward pass on the kept graph, batched
         over the rows). One column at a time: the consumer accumulates what it needs, so the ``K`` columns of a
-        chunk are never stored together."""
+        chunk are never stored together. ``only``: the indices of the layers wanted (the others are None); the
+        backward pass then stops at the earliest of them (autograd computes nothing below what is asked for)."""
         K = cols.shape[2]
+        idx = range(len(self.layers)) if only is None else only
         for k in range(K):
-            gs = torch.autograd.grad(f, outs, grad_outputs=cols[:, :, k].reshape(f.shape), retain_graph=k < K - 1)
-            yield [output_rows(L, g) for L, g in zip(self.layers, gs, strict=True)]
+            gs = torch.autograd.grad(f, [outs[i] for i in idx], grad_outputs=cols[:, :, k].reshape(f.shape),
+                                     retain_graph=k < K - 1)
+            out: list[Tensor | None] = [None] * len(self.layers)
+            for i, g in zip(idx, gs, strict=True):
+                out[i] = output_rows(self.layers[i], g)
+            yield out
 
     def loss_gradient_column(self, f: Tensor, y: Tensor) -> Tensor:
         """``[b, C, 1]``: each row's gradient of its own loss with respect to its outputs ``f`` ``[b, C]`` (the
@@ -312,13 +331,19 @@ class LayerGradients:
         patch-major rows) and takes one product with the transposed blocks."""
         return self.contract(blocks, *self._loss_gradient_rows(X, y))
 
-    def contract(self, blocks: list[tuple[bool, Tensor]], a: list[Tensor], g: list[Tensor]) -> Tensor:
+    def contract(self, blocks: list[tuple[bool, Tensor]], a: list[Tensor | None], g: list[Tensor]) -> Tensor:
         """:meth:`inner_products` for given per-layer input rows ``a`` ``[b, T, cols]`` and loss gradients into the
-        layer outputs ``g`` ``[b, T, out]`` (of rows whose pass was made earlier)."""
+        layer outputs ``g`` ``[b, T, out]`` (of rows whose pass was made earlier). Where ``a[l]`` is None, ``g[l]``
+        is the layer's per-example gradients already formed, transposed: ``G_i^T`` ``[b, cols, out]`` (EK-FAC's
+        kept first pass keeps a convolution with many output positions and a small kernel that way)."""
         total = None
         for L, (rank_one, w), ai, gi in zip(self.layers, blocks, a, g, strict=True):
-            b = ai.shape[0]
-            if rank_one:
+            b = gi.shape[0]
+            if ai is None:  # G_i^T given: one product with the transposed blocks
+                if rank_one:
+                    raise ValueError("contract: formed per-example gradients need blocks of the [m, cols*out] layout")
+                s = w @ gi.reshape(b, -1).T
+            elif rank_one:
                 Wa = (w @ ai[:, 0].T).view(-1, L.out, b)  # [m, out, b]: W_t a_i
                 s = (Wa * gi[:, 0].T.unsqueeze(0)).sum(1)  # g_i^T W_t a_i
             else:  # examples in groups of at most SCORE_GROUP_BYTES of G^T, formed in one reused buffer
@@ -351,13 +376,6 @@ class LayerGradients:
         """Bytes per row of what a chunk keeps while it is processed (see :meth:`rows_per_chunk`)."""
         _, positions, numels = self.probe()
         per_row = sum(2 * T * (L.cols + L.out) + 3 * o for L, T, o in zip(self.layers, positions, numels, strict=True))
-        return per_row * self.theta.element_size()
-
-    def kept_bytes_per_row(self, columns: int) -> int:
-        """Bytes per row of a chunk's input rows of every layer and ``columns`` backpropagated columns into every
-        layer output, held beyond the chunk's own processing (EK-FAC's kept first pass)."""
-        _, positions, _ = self.probe()
-        per_row = sum(T * (L.cols + columns * L.out) for L, T in zip(self.layers, positions, strict=True))
         return per_row * self.theta.element_size()
 
     # --- between the flat parameter vector and per-layer blocks -------------------------------------------

@@ -60,6 +60,57 @@ def test_ekfac_kept_first_pass_equals_the_streamed_passes(options):
     assert EKFACSolver(obj, damping=0.1, for_scores=False, **options)._kept is None
 
 
+def _cnn_one_channel():
+    # a second convolution with one output channel: recomputed at its outputs, it takes the per-column branch of the
+    # kept eigenvalue correction (few columns, many positions)
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 1, 3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(25, 3)).double()
+
+
+@pytest.mark.parametrize("options", [{}, {"samples": 2, "seed": 3}, {"fisher": "empirical"}])
+@pytest.mark.parametrize("make", [_cnn, _cnn_one_channel])
+def test_every_keep_plan_gives_the_streamed_values(make, options):
+    # budgets just below what each plan keeps walk through the plans in turn, down to streaming: (1) every layer
+    # kept, (2) the first convolution kept as per-example gradients and the other layers recomputed by partial
+    # passes, none; each with the factors, eigenvalues and scores of three streamed passes, the passes counted
+    net, (train, test) = make(), _cnn_data()
+    obj = Objective(net, F.cross_entropy, *train, weight_decay=1e-2, chunk_size=7)
+    streamed = EKFACSolver(obj, damping=0.1, memory_budget=1, **options)
+    assert streamed.keep_plan is None
+    want = streamed.scores(*test)
+    assert streamed.passes == 3
+    chunk = 7 * streamed.grads.chunk_bytes_per_row()
+    budget, seen = 2**40, []
+    while True:
+        ek = EKFACSolver(obj, damping=0.1, memory_budget=budget, **options)
+        plan = ek.keep_plan
+        if plan is None:
+            break
+        assert chunk + plan.bytes <= budget
+        seen.append(plan.forms)
+        for a, b in zip(ek.Lam + ek.QS + ek.QA, streamed.Lam + streamed.QS + streamed.QA, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert ek.passes == (2 if plan.recomputed else 1)
+        torch.testing.assert_close(ek.scores(*test), want, rtol=1e-11, atol=1e-14)
+        assert ek.passes == (3 if plan.recomputed else 1)
+        budget = chunk + plan.bytes - 1
+    assert "recompute" not in seen[0] and {"rows", "gradient"} <= set(seen[0])
+    if "samples" in options:  # the eigenvalues' own random columns would be backpropagated in full in any case
+        assert len(seen) == 1
+    else:
+        assert len(seen) == 2 and seen[1][0] == "gradient" and set(seen[1][1:]) == {"recompute"}
+
+
+def test_backward_cost_counts_the_input_gradients_below_the_output():
+    # the cost model of EK-FAC's partial passes: 2 T out d_in per layer called after the earliest one asked for
+    net, (train, _) = _cnn(), _cnn_data()
+    grads = LayerGradients(Objective(net, F.cross_entropy, *train), Objective(net, F.cross_entropy, *train).theta())
+    conv2, lin1, lin2 = 2 * 4 * 4 * 12, 2 * 1 * 5 * 16, 2 * 1 * 3 * 5  # T out d_in: 2x2 outputs of a 3->4 2x2 conv
+    assert grads.backward_flops() == conv2 + lin1 + lin2
+    assert grads.backward_flops([1, 3]) == lin1 + lin2 and grads.backward_flops([3]) == 0
+
+
 def test_ekfac_reuses_the_calculators_layer_gradients_only_for_its_own_objective():
     net, (train, test) = _cnn(), _cnn_data()
     calc = il.InfluenceCalculator(net, F.cross_entropy, train, weight_decay=1e-2, damping=0.1, method="ekfac")
