@@ -119,9 +119,11 @@ class KeepPlan:
         return [i for i, form in enumerate(self.forms) if form == "recompute"]
 
 
-def _add_lower_gram(A: Tensor, M: Tensor, band: int = 128) -> None:
+def _add_lower_gram(A: Tensor, M: Tensor, band: int = 64) -> None:
     """``A += M M^T`` on and below the diagonal only (``M`` ``[d, N]``), one row band of ``band`` rows at a time:
-    about ``(d + band) / (2 d)`` of the full product's work for ``d`` well above ``band`` (65% for ``d = 401``).
+    about ``(d + band) / (2 d)`` of the full product's work for ``d`` well above ``band`` (58% for ``d = 401``; bands
+    of 64 rows were 5-9% faster than of 128 and about as fast as of 32 for the layers of ``benchmarks/scale.py``,
+    0.56-0.71 of the full product's time, one thread).
     The upper triangle of ``A`` is left as it was; :func:`_mirror_lower` completes it."""
     d = M.shape[0]
     for i in range(0, d, band):
