@@ -237,6 +237,51 @@ DEFAULT_ANCHORS = {"lenet": tuple(a for a in ANCHORS if a not in NOT_RUN["lenet"
 DEFAULT_REFERENCE = {"lenet": True, "resnet": False}
 
 
+def arithmetic(prob: dict) -> dict:
+    """Floating-point operations per training row of the products that EK-FAC cannot avoid at this model's shapes,
+    against one training epoch's, counted from the layers (``T`` output positions, ``out`` x ``d_in`` weights,
+    ``cols = d_in + 1``): what the epoch-equivalents of EK-FAC can at best be at the rate training runs at.
+
+    * a training epoch: the forward products ``2 T out d_in`` per layer, the weight gradients (as many) and the
+      input gradients of every layer after the first (``LayerGradients.backward_flops``);
+    * EK-FAC with ``k`` columns per row (the exact Gauss-Newton: ``K = C - 1``; ``samples=1``: 1): one forward pass
+      (two more where it streams), the factors ``T cols^2`` and ``k T out^2`` (half of each symmetric product), the
+      backward columns (exact: the ``K`` columns once and the loss gradient, as a kept first pass needs at least;
+      sampled: the factors' and the eigenvalues' own columns and the loss gradient), the eigenvalue correction per
+      layer in the cheaper of its two orders (rotate the inputs once and form the ``k`` rotated gradients, ``2 T
+      cols^2 + 2 k T out (out + cols)``, or form and rotate each gradient, ``2 k (T out cols + out cols (out +
+      cols))``), and the scores: each training row's gradient (``2 T out cols``) against ``m`` test gradients (``2 m
+      out cols``).
+    Elementwise work (activations, pooling, squaring) is not counted, in neither."""
+    from influence_lib.layer_grads import LayerGradients
+
+    model = PROBLEMS[prob["name"]][0](0)
+    model.load_state_dict(prob["state"])
+    X, y = prob["train"]
+    obj = il.Objective(model, F.cross_entropy, X[:2], y[:2])
+    grads = LayerGradients(obj, obj.theta())
+    outputs, positions, _ = grads.probe()
+    m = prob["info"]["n_test"]
+    fwd = sum(2 * T * L.out * L.d_in for L, T in zip(grads.layers, positions, strict=True))
+    back = grads.backward_flops()
+    epoch = 2 * fwd + back
+
+    def ekfac(k: int, backward_columns: int, forwards: int) -> int:
+        total = forwards * fwd + backward_columns * back
+        for L, T in zip(grads.layers, positions, strict=True):
+            o, c = L.out, L.cols
+            total += T * c * c + k * T * o * o
+            total += min(2 * T * c * c + 2 * k * T * o * (o + c), 2 * k * (T * o * c + o * c * (o + c)))
+            total += 2 * T * o * c + 2 * m * o * c
+        return total
+
+    K = outputs - 1  # cross-entropy: the rank of the loss Hessian in output space
+    exact, sampled = ekfac(K, K + 1, 1), ekfac(1, 3, 3)
+    return {"epoch_flops_per_row": epoch, "ekfac_flops_per_row": exact, "ekfac_sampled_flops_per_row": sampled,
+            "ekfac_epochs_floor": exact / epoch, "ekfac_sampled_epochs_floor": sampled / epoch, "columns": K,
+            "n_test": m}
+
+
 def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -559,6 +604,7 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
             for mname, why in NOT_RUN_METHODS.get(pname, {}).items():
                 entry["methods"][mname] = {"name": mname, "status": "not run", "error": why}
         record["problems"][pname] = entry
+    entry["arithmetic"] = arithmetic(prob)
     python_anchor = args.anchor_python
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
