@@ -219,6 +219,18 @@ class InfluenceCalculator:
             solver = self._ekfac()
             self.last_info = solver.info
             return check_finite("influence scores", solver.scores(Xt, yt) / self.n_train)
+        if self._layer_grads is not None and obj.chunk_size is None:
+            lg, (Xt, yt) = self._layer_grads, self._check_points("test", test)
+            m = Xt.shape[0]
+            # the training rows in one chunk, and the test rows with them within the budget: one pass for both
+            if self.n_train <= self._score_rows() and (m + self.n_train) * lg.chunk_bytes_per_row() <= MEMORY_BUDGET:
+                f, a, outs = lg.forward(torch.cat([Xt, obj.X]), keep=True)
+                g = next(lg.backprop_columns(f, outs, lg.loss_gradient_column(f, torch.cat([yt, obj.y]))))
+                Gt = [torch.bmm(gi[:m].transpose(1, 2), ai[:m]) for gi, ai in zip(g, a, strict=True)]
+                G = check_finite("per-example gradients", lg.unblocks(Gt, self.theta.new_empty(obj.p, m)))
+                S = lg.score_blocks(lg.blocks(self.ihvp(G)))
+                out = lg.contract(S, [ai[m:] for ai in a], [gi[m:] for gi in g])
+                return check_finite("influence scores", out / self.n_train)
         if self._layer_grads is not None:  # layer by layer, training rows in chunks: no [n, p] gradients
             lg, rows = self._layer_grads, self._score_rows()
             S = lg.score_blocks(lg.blocks(self.test_ihvp(test)))  # per layer, from [m, out, cols]

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from .objective import Objective
 
@@ -288,10 +287,13 @@ class LayerGradients:
 
     def loss_gradient_column(self, f: Tensor, y: Tensor) -> Tensor:
         """``[b, C, 1]``: each row's gradient of its own loss with respect to its outputs ``f`` ``[b, C]`` (the
-        output-space vector whose pull-back gives the per-example parameter gradients)."""
-        loss_fn = self.objective.loss_fn
-        dl = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
-        return dl.reshape(dl.shape[0], -1, 1)
+        output-space vector whose pull-back gives the per-example parameter gradients). The loss of a batch is the
+        mean of its rows' losses (the contract of ``loss_fn``, checked by the objective), so row ``i``'s gradient is
+        ``b`` times the batch loss's gradient with respect to ``f_i``: one backward pass, no ``vmap`` over rows."""
+        with torch.enable_grad():
+            fd = f.detach().requires_grad_(True)
+            (dl,) = torch.autograd.grad(self.objective.loss_fn(fd, y), fd)
+        return (dl * f.shape[0]).reshape(f.shape[0], -1, 1)
 
     def _loss_gradient_rows(self, X: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per layer, the input rows ``a`` ``[b, T, cols]`` of ``X`` and the per-example loss gradients with

@@ -419,3 +419,35 @@ def test_scratch_buffers_are_reused_and_grow():
     c = scratch(bufs, "k", (5, 5), like)
     assert c.shape == (5, 5) and bufs["k"].numel() == 25  # grown
     assert scratch(bufs, "k", (2,), torch.zeros(1)).dtype == torch.float32  # a new buffer for another dtype
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_loss_gradient_column_is_each_rows_own_loss_gradient(loss):
+    # b times the batch mean's gradient, against each row's own loss differentiated alone (vmap over rows)
+    from torch.func import grad, vmap
+    net, (train, _) = _cnn(), _cnn_data()
+    X, y = train
+    loss_fn = F.cross_entropy if loss == "ce" else F.mse_loss
+    if loss == "mse":
+        y = torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=D)
+    obj = Objective(net, loss_fn, X, y)
+    f = obj.forward(obj.theta(), X)
+    want = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(f.detach(), y)
+    got = LayerGradients(obj, obj.theta()).loss_gradient_column(f, y)
+    torch.testing.assert_close(got[:, :, 0], want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("make", [_cnn, lambda: mlp(81, 3, depth=2, width=6, activation="tanh", seed=0, dtype=D)])
+def test_scores_in_one_pass_for_test_and_training_rows_equal_the_flat_formula(make):
+    # a training set in one chunk: the test and training rows' gradients from one pass; against per-example
+    # gradients by vmap over examples and a dense solve
+    net, (train, test) = make(), _cnn_data()
+    if not isinstance(net[0], nn.Conv2d):
+        train, test = (train[0].flatten(1), train[1]), (test[0].flatten(1), test[1])
+    calc = il.InfluenceCalculator(net, F.cross_entropy, train, weight_decay=1e-2, damping=0.1)
+    got = calc.scores(test)
+    obj = calc.objective
+    Gt, Gi = (torch.cat([g for _, g in obj.per_sample_grads(calc.theta, *d)]) for d in (test, train))
+    H = il.hessian(net, F.cross_entropy, train, weight_decay=1e-2)
+    want = Gt @ torch.linalg.solve(H + 0.1 * torch.eye(H.shape[0], dtype=D), Gi.T) / train[0].shape[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)
