@@ -97,9 +97,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/cnn_layout.py
 
-## bench-probes: profile of the HVP-based methods and the speed-ups tried (benchmarks/results/probes.json)
+## bench-probes: profile of the HVP-based methods and the speed-ups tried (benchmarks/results/probes.json), and
+## the spectra behind EK-FAC-preconditioned CG (benchmarks/results/preconditioner_spectrum.json)
 bench-probes: $(STAMP)
 	$(PY) benchmarks/speed_probes.py
+	$(PY) benchmarks/preconditioner_spectrum.py
 
 ## bench-compare: influence_lib against dattri, curvlinops, kronfluence (own virtualenv, BENCH_VENV)
 BENCH_VENV ?= .venv-bench
