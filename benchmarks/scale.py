@@ -379,6 +379,8 @@ def worker(job_path: str) -> None:
                                {"min": min(v), "max": max(v), "mean": sum(v) / len(v)})
                            for k, v in info.items() if isinstance(v, (int, float, str, bool, list))
                            and not (isinstance(v, list) and v and not isinstance(v[0], (int, float)))}
+            if isinstance(info.get("kept"), dict):  # EK-FAC: what its first pass kept (KeepPlan's forms, bytes)
+                out["info"]["kept"] = info["kept"]
         if out["epoch_s"]:
             out["epochs"] = out["time_s"] / out["epoch_s"]  # wall clock / wall clock
             out["epochs_cpu"] = out["cpu_s"] / out["epoch_cpu_s"]  # CPU time / CPU time: robust to other load

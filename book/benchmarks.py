@@ -489,6 +489,22 @@ else:
 # rounding error (`tests/test_gauss_newton_kept.py`, in float64, on a CNN and two MLPs).
 
 # %% tags=["hide-input"]
+def kept_text(kept) -> str:
+    """What our exact EK-FAC's first pass kept (its info["kept"], recorded since 2026-12-04), in words."""
+    if kept == "streamed":
+        return " Our exact EK-FAC kept nothing of its first pass here (its passes streamed)."
+    if not isinstance(kept, dict):
+        return ""
+    forms = kept["forms"]
+    parts = [f"{forms.count(f)} {'layer' if forms.count(f) == 1 else 'layers'} {how}"
+             for f, how in (("gradient", "as per-example gradients"), ("rows", "as columns with their inputs"))
+             if forms.count(f)]
+    again = forms.count("recompute")
+    return (f" Our exact EK-FAC's first pass kept {' and '.join(parts)} ({kept['bytes'] / 2**20:.0f} MiB)"
+            + (f" and recomputed the other {again} layers' columns by backward passes that stop at them" if again
+               else "") + ", so that its columns were backpropagated through the whole network once.")
+
+
 scale = load("scale.json")
 if scale is None or "problems" not in scale:
     display(Markdown("**`benchmarks/results/scale.json` is missing**: run `make bench-compare` to create it."))
@@ -527,7 +543,8 @@ else:
                 f"the scores' inner products with the {ar['n_test']} test gradients alone ($2 m p$ per row) are "
                 f"{share:.1f} epochs. Each exact column is backpropagated and rotated for every row, so the exact "
                 f"estimator costs several times the sampled one whatever the implementation; a measured figure below "
-                f"its arithmetic means EK-FAC's large products ran faster than training's batch-128 steps."))
+                f"its arithmetic means EK-FAC's large products ran faster than training's batch-128 steps."
+                + kept_text(ms["ekfac"].get("info", {}).get("kept"))))
         reasons: dict[str, list[str]] = {}  # one line per reason, with every method and anchor it applies to
         for group in (entry["methods"], entry.get("anchors", {})):
             for name, m in group.items():

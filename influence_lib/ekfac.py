@@ -503,5 +503,11 @@ class EKFACSolver:
 
     @property
     def info(self) -> dict[str, Any]:
+        """``layers``, ``eigenvalue_range`` (of the corrected eigenvalues), ``passes`` (over the training data so
+        far) and ``kept``: what the first pass kept (per layer its form, see :class:`KeepPlan`, and the bytes), or
+        ``"streamed"``."""
+        plan = self.keep_plan
+        kept = "streamed" if plan is None else {"forms": plan.forms, "bytes": plan.bytes}
         return {"layers": [L.weight.removesuffix(".weight") for L in self.layers],
-                "eigenvalue_range": [min(float(L.min()) for L in self.Lam), max(float(L.max()) for L in self.Lam)]}
+                "eigenvalue_range": [min(float(L.min()) for L in self.Lam), max(float(L.max()) for L in self.Lam)],
+                "passes": self.passes, "kept": kept}
