@@ -473,7 +473,9 @@ else:
 # Fashion-MNIST. `benchmarks/scale.py` runs each method, ours and the anchors' (through the same adapters as above),
 # in a fresh process and records its wall time, its peak resident memory and the same time in *training-epoch
 # equivalents*: one epoch of Adam with batch 128 on the same model and data, timed in the same process (the CPU-time
-# ratio is given too; it is the one to read when the machine was shared). Accuracy is the Pearson correlation of
+# ratio is given too; it is the one to read when the machine was shared). The process times two epochs before the
+# call and two after it; the epochs after ran up to 30% faster in these runs, so *epochs (faster epoch)* gives the
+# same time against the faster of the two, the conservative figure. Accuracy is the Pearson correlation of
 # the scores with our exact EK-FAC on the same rows (and with a float64 CG reference where one was computed). The
 # second table of each problem sets every anchor against the method of ours it corresponds to (kronfluence's EK-FAC
 # samples its labels, so it is set against our EK-FAC with sampled labels, `samples=1`): a ratio above 1 means
@@ -496,6 +498,15 @@ else:
 # rounding error (`tests/test_gauss_newton_kept.py`, in float64, on a CNN and two MLPs).
 
 # %% tags=["hide-input"]
+def faster_epochs(m: dict) -> float | None:
+    """A measurement's wall time in epochs of the faster of the epochs timed before and after it (the conservative
+    epoch-equivalent: the epochs after the call ran up to 30% faster than those before in these runs)."""
+    before, after = m.get("epoch_s"), m.get("epoch_after_s")
+    if m.get("status") != "ok" or not before:
+        return None
+    return m["time_s"] / min(before, after or before)
+
+
 def kept_text(kept) -> str:
     """What our exact EK-FAC's first pass kept (its info["kept"], recorded since 2026-12-04), in words."""
     if kept == "streamed":
@@ -524,6 +535,7 @@ else:
                 rows.append({"method": name if kind == "ours" else f"{name} (anchor)",
                              "test points": m.get("n_test"), "status": m.get("status"), "time (s)": m.get("time_s"),
                              "epochs (wall)": m.get("epochs"), "epochs (CPU)": m.get("epochs_cpu"),
+                             "epochs (faster epoch)": faster_epochs(m),
                              "peak RSS (MB)": m.get("peak_rss_mb"),
                              "Pearson vs reference": (m.get("accuracy") or {}).get("pearson"),
                              "Pearson vs exact EK-FAC": 1.0 if name == "ekfac" and m.get("status") == "ok" else
@@ -534,6 +546,7 @@ else:
                          f"decay {pr['weight_decay']}."))
         display(pd.DataFrame(rows).style.format(
             {"test points": "{:.0f}", "time (s)": "{:.1f}", "epochs (wall)": "{:.1f}", "epochs (CPU)": "{:.1f}",
+             "epochs (faster epoch)": "{:.1f}",
              "peak RSS (MB)": "{:.0f}", "Pearson vs reference": "{:.4f}", "Pearson vs exact EK-FAC": "{:.4f}"},
             na_rep="–").hide(axis="index"))
         ar, ms = entry.get("arithmetic"), entry["methods"]
@@ -545,13 +558,17 @@ else:
                 f"row), EK-FAC's factors, backward columns, eigenvalue correction and scores make "
                 f"{ar['ekfac_flops_per_row'] / 1e6:.0f} MFLOP per training row, a training epoch "
                 f"{ar['epoch_flops_per_row'] / 1e6:.1f}: **{ar['ekfac_epochs_floor']:.1f} epochs** at the rate "
-                f"training runs its own products (measured: {ms['ekfac']['epochs']:.1f}); with one sampled column, "
-                f"{ar['ekfac_sampled_epochs_floor']:.1f} (measured: {ms['ekfac-sampled']['epochs']:.1f}). Of these, "
+                f"training runs its own products (measured: {ms['ekfac']['epochs']:.1f}, or "
+                f"{faster_epochs(ms['ekfac']):.1f} against the faster epoch); with one sampled column, "
+                f"{ar['ekfac_sampled_epochs_floor']:.1f} (measured: {ms['ekfac-sampled']['epochs']:.1f}, or "
+                f"{faster_epochs(ms['ekfac-sampled']):.1f}). Of these, "
                 f"the scores' inner products with the {ar['n_test']} test gradients alone ($2 m p$ per row) are "
                 f"{share:.1f} epochs. Each exact column is backpropagated and rotated for every row, so the exact "
                 f"estimator costs several times the sampled one whatever the implementation. "
-                + ("The measured figure is below the arithmetic: EK-FAC's large products ran faster than training's "
-                   "batch-128 steps." if ms["ekfac"]["epochs"] < ar["ekfac_epochs_floor"] else
+                + ("The measured figures are below the arithmetic: EK-FAC's large products ran faster than "
+                   "training's batch-128 steps." if faster_epochs(ms["ekfac"]) < ar["ekfac_epochs_floor"] else
+                   "The measured figure is about the arithmetic." if ms["ekfac"]["epochs"] < ar["ekfac_epochs_floor"]
+                   else
                    "The measured figure is above the arithmetic, which counts neither elementwise work nor, where "
                    "the first pass is not kept, the second full backward pass of the exact columns.")
                 + kept_text(ms["ekfac"].get("info", {}).get("kept"))))
