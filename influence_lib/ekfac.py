@@ -335,14 +335,8 @@ class EKFACSolver:
             self._kept = [] if for_scores else None
             while kept:  # each chunk's columns are released as soon as its eigenvalues are added
                 sl, a, columns = kept.pop(0)
-                if again:  # the recomputed layers' columns: a forward and a backward pass down to them
-                    f, fresh, outs = self.grads.forward(obj.X[sl])
-                    store = [[] for _ in self.layers]
-                    for g in self.grads.backprop_columns(f, outs, self._columns(f, sl, signs_lam), only=again):
-                        for i in again:
-                            store[i].append(g[i])
-                    for i in again:
-                        a[i], columns[i] = fresh[i], torch.stack(store[i], 1)
+                if again:
+                    self._recompute(sl, a, columns, lambda f, sl=sl: self._columns(f, sl, signs_lam))
                 self._add_kept_eigenvalues(Lam, a, columns, plan, buffers)
                 if for_scores:
                     self._kept.append((sl, *self._score_factors(a, columns, plan)))
@@ -355,17 +349,28 @@ class EKFACSolver:
             self.passes += 1
         self.Lam = [L / obj.n for L in Lam]
 
+    def _recompute(self, sl: slice, a: list, columns: list, columns_of) -> None:
+        """Fill in, for the rows ``sl``, the input rows ``a[l]`` and the stacked backpropagated columns
+        ``columns[l]`` (``[b, k, T, out]``) of the ``"recompute"`` layers of the plan: one forward pass and a backward
+        pass per column of ``columns_of(f)`` (``[b, C, k]``) that stops at those layers' outputs."""
+        again = self.keep_plan.recomputed
+        f, fresh, outs = self.grads.forward(self.objective.X[sl])
+        store: dict[int, list[Tensor]] = {i: [] for i in again}
+        for g in self.grads.backprop_columns(f, outs, columns_of(f), only=again):
+            for i in again:
+                store[i].append(g[i])
+        for i in again:
+            a[i], columns[i] = fresh[i], torch.stack(store[i], 1)
+
     def _score_factors(self, a: list[Tensor | None], columns: list[Tensor | None], plan: KeepPlan
                        ) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """What :meth:`scores` needs of a kept chunk, for :meth:`LayerGradients.contract`, as tensors of their own
         (the chunk's other columns are freed): per layer the input rows and the loss gradient at the outputs
         (``"rows"``), the per-example gradients ``G_i^T`` (``"gradient"``), or None for both (``"recompute"``: the
         scores recompute them)."""
-        rows, grads = [], []
-        for ai, C, form in zip(a, columns, plan.forms, strict=True):
-            keep = form != "recompute"
-            rows.append(ai if form == "rows" else None)
-            grads.append(C[:, plan.score].clone() if keep else None)
+        rows = [ai if form == "rows" else None for ai, form in zip(a, plan.forms, strict=True)]
+        grads = [None if form == "recompute" else C[:, plan.score].clone()
+                 for C, form in zip(columns, plan.forms, strict=True)]
         return rows, grads
 
     def _add_kept_eigenvalues(self, Lam: list[Tensor], a: list[Tensor | None], columns: list[Tensor],
@@ -453,13 +458,11 @@ class EKFACSolver:
         if self._kept is not None:
             again, out = self.keep_plan.recomputed, []
             for sl, a, g in self._kept:
-                if again:  # the recomputed layers' loss gradients: a forward and a backward pass down to them
-                    f, fresh, outs = self.grads.forward(obj.X[sl])
-                    loss = next(self.grads.backprop_columns(f, outs, self.grads.loss_gradient_column(f, obj.y[sl]),
-                                                            only=again))
+                if again:  # the recomputed layers' loss gradients (one column, taken out of its stack)
                     a, g = list(a), list(g)
+                    self._recompute(sl, a, g, lambda f, sl=sl: self.grads.loss_gradient_column(f, obj.y[sl]))
                     for i in again:
-                        a[i], g[i] = fresh[i], loss[i]
+                        g[i] = g[i][:, 0]
                 out.append(self.grads.contract(W, a, g))
             self.passes += bool(again)
         else:
