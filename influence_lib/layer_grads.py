@@ -226,13 +226,12 @@ class LayerGradients:
         first = min(self._order.index(i) for i in idx)
         return sum(2 * positions[i] * self.layers[i].out * self.layers[i].d_in for i in self._order[first + 1:])
 
-    def forward(self, X: Tensor, keep: bool = False, graph: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward(self, X: Tensor, keep: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Outputs ``f`` and, per layer, its input rows ``[b, T, cols]`` and its output (in the graph of ``f``).
 
         The input rows of convolutions are written into the buffers of the previous call where the shapes agree
         (chunk after chunk): they are valid until the next call of :meth:`forward`; with ``keep=True`` they are
-        fresh tensors that later calls leave alone (for callers that hold several chunks at once). ``graph=False``:
-        no autograd graph is recorded (for callers that need only the input rows; nothing can be backpropagated)."""
+        fresh tensors that later calls leave alone (for callers that hold several chunks at once)."""
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
 
@@ -252,8 +251,8 @@ class LayerGradients:
 
         handles = [L.module.register_forward_hook(hook(i)) for i, L in enumerate(self.layers)]
         try:
-            with torch.set_grad_enabled(graph):
-                leaf = self.theta.clone().requires_grad_(True) if graph else self.theta
+            with torch.enable_grad():
+                leaf = self.theta.clone().requires_grad_(True)
                 f = self.objective.forward(leaf, X)
         finally:
             for h in handles:
