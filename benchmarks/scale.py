@@ -225,6 +225,10 @@ NOT_RUN["resnet"] = {
     "dattri-ekfac": "left out by default: dattri's EK-FAC on the ResNet passed 20 GB resident (killed at 21.1 GB by "
                     "the memory watchdog of the run of 2026-12-03, which protects the 24 GB machine) while computing "
                     "the training set's gradients",
+    **{a: f"left out by default: {why} on the LeNet already (46,730 parameters against the ResNet's 519,334)"
+       for a, why in (("dattri-cg", "dattri's CG outgrew the 24 GB machine (killed past 23 GB)"),
+                      ("dattri-arnoldi", "dattri's Arnoldi outgrew the 24 GB machine (killed at 22.8 GB)"),
+                      ("dattri-lissa", "dattri's LiSSA peaked at 21.4 GB resident on the 24 GB machine"))},
 }
 #: our methods a default run leaves out, and why (recorded as "not run"; ask for one by name with --methods)
 KRYLOV_AT_SCALE = ("left out by default on a 2-core machine: on the LeNet, CG to 1e-3 on 3 test points costs about 70 "
@@ -532,21 +536,61 @@ def reference_path(out_path: Path, pname: str) -> Path:
     return out_path.with_name(f"{out_path.stem}_reference_{pname}.pt")
 
 
-def save_reference(out_path: Path, pname: str, scores: torch.Tensor, problem: dict) -> None:
-    path = reference_path(out_path, pname)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"scores": scores, "problem": problem}, tmp)
-    os.replace(tmp, path)
+def save_reference(out_path: Path, pname: str, scores: torch.Tensor, problem: dict, info: dict | None = None) -> None:
+    """Keep the reference's scores of ``pname`` (and its record entry ``info``: time, iterations, residuals, machine)
+    next to the record, atomically."""
+    atomic_torch_save(reference_path(out_path, pname), {"scores": scores, "problem": problem, "info": info})
 
 
 def load_reference(out_path: Path, pname: str, problem: dict) -> torch.Tensor | None:
     """The kept reference scores of ``pname`` if they were computed on this very problem, else None."""
+    kept = load_reference_entry(out_path, pname, problem)
+    return None if kept is None else kept["scores"]
+
+
+def load_reference_entry(out_path: Path, pname: str, problem: dict) -> dict | None:
+    """The kept reference of ``pname`` (``scores``, ``problem``, ``info``) if computed on this very problem."""
     path = reference_path(out_path, pname)
     if not path.exists():
         return None
     kept = torch.load(path, weights_only=False)
-    same = all(kept["problem"].get(k) == problem.get(k) for k in ("params", "n_train", "test_accuracy", "dataset"))
-    return kept["scores"] if same else None
+    return kept if same_fingerprint(kept["problem"], problem) else None
+
+
+def same_fingerprint(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("params", "n_train", "test_accuracy", "dataset"))
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def scores_path(out_path: Path, pname: str) -> Path:
+    """Where each measurement's scores on the reference rows are kept, next to the record (a few hundred kB): a
+    reference added later (``--add-reference``) scores them without running the methods again."""
+    return out_path.with_name(f"{out_path.stem}_scores_{pname}.pt")
+
+
+def keep_scores(out_path: Path, pname: str, problem: dict, name: str, run_id: str, scores: torch.Tensor,
+                rows: int) -> None:
+    """Keep the first ``rows`` rows of a measurement's scores, marked with the run that measured them."""
+    path = scores_path(out_path, pname)
+    kept = torch.load(path, weights_only=False) if path.exists() else None
+    if kept is None or not same_fingerprint(kept["problem"], problem):
+        kept = {"problem": problem, "scores": {}}
+    kept["scores"][name] = {"run": run_id, "scores": scores[:rows].clone()}
+    atomic_torch_save(path, kept)
+
+
+def kept_scores(out_path: Path, pname: str, problem: dict) -> dict:
+    """name -> {"run", "scores"} of the measurements kept for this very problem (empty if none)."""
+    path = scores_path(out_path, pname)
+    if not path.exists():
+        return {}
+    kept = torch.load(path, weights_only=False)
+    return kept["scores"] if same_fingerprint(kept["problem"], problem) else {}
 
 
 def same_problem(pname: str, entry: dict, prob: dict, flag: str) -> None:
@@ -588,6 +632,9 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
         prob = rebuild_recorded(pname, entry, "--merge")
         run_id = machine["time_utc"]
         start_run(entry, run_id, machine, methods + anchors)
+        for aname, why in NOT_RUN.get(pname, {}).items():  # anchors never measured on this problem say why
+            if aname not in entry["anchors"] and aname not in anchors:
+                entry["anchors"][aname] = {"name": aname, "status": "not run", "error": why}
         kept = load_reference(out_path, pname, entry["problem"])
         if kept is not None:
             ref = {"status": "ok", "scores": kept}
@@ -624,7 +671,7 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
                 ref = run_job(ref_job, tmp, args.ref_timeout)
                 entry["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
                 if ref.get("status") == "ok":
-                    save_reference(out_path, pname, ref["scores"], entry["problem"])
+                    save_reference(out_path, pname, ref["scores"], entry["problem"], entry["reference"])
                 print("  ", entry["reference"].get("status"), entry["reference"].get("time_s"),
                       entry["reference"].get("error", ""), flush=True)
             elif isinstance(name, tuple):
@@ -639,6 +686,8 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
                     res = {"name": aname, "status": "not run", "error": f"no anchors' Python at {python_anchor}"}
                 if "scores" in res:
                     scores[aname] = res.pop("scores")
+                    keep_scores(out_path, pname, entry["problem"], aname, machine["time_utc"], scores[aname],
+                                args.ref_test)
                 if args.merge:
                     res["run"] = run_id
                 entry["anchors"][aname] = res
@@ -652,6 +701,8 @@ def run_problem(pname: str, args, record: dict, out_path: Path, machine: dict) -
                 res = run_job(job, tmp, args.timeout)
                 if "scores" in res:
                     scores[name] = res.pop("scores")
+                    keep_scores(out_path, pname, entry["problem"], name, machine["time_utc"], scores[name],
+                                args.ref_test)
                 if res.get("status") == "ok":
                     res.pop("traceback", None)
                 if args.merge:
@@ -675,11 +726,14 @@ def add_reference(pname: str, args, record: dict, out_path: Path, machine: dict)
     """Add the float64 reference to a recorded problem without timing anything again (``--add-reference``).
 
     The problem is rebuilt (seeded: the same training run, checked against the recorded test accuracy and size),
-    the reference is solved, and every method and anchor that ran is run once more on the reference rows only
-    (``--ref-test``, no epoch timing) for the scores that its ``accuracy`` compares with the reference. The recorded
-    times, memory and epochs stay as they were measured; ``reference["added"]`` says when, on which machine and with
-    which command the accuracies were added. The scores depend on the problem and the method's settings, not on
-    the machine (up to float32 rounding), so this step does not need a quiet machine."""
+    the reference is solved (or taken from the kept reference of this very problem next to ``out_path``, which
+    another ``--add-reference`` run may have solved meanwhile), and every method and anchor that ran gets its
+    ``accuracy`` from its scores on the reference rows: the scores its timed run kept (``scores_path``, when they
+    are of the recorded run), else by running it once more on the reference rows only (``--ref-test``, no epoch
+    timing), for those ``--rescore`` names (default: all; ``none``: the reference alone). The recorded times,
+    memory and epochs stay as they were measured; ``reference["added"]`` says when, on which machine and with which
+    command the reference was solved. The scores depend on the problem and the method's settings, not on the
+    machine (up to float32 rounding), so this step does not need a quiet machine."""
     entry = record["problems"][pname]
     pr = entry["problem"]
     prob = rebuild_recorded(pname, entry, "--add-reference")
@@ -687,36 +741,54 @@ def add_reference(pname: str, args, record: dict, out_path: Path, machine: dict)
         tmp = Path(td)
         torch.save(prob, tmp / "problem.pt")
         common = {"problem": str(tmp / "problem.pt"), "threads": args.threads, "device": args.device}
-        print(f"{pname}: reference (float64 block CG, true residual 1e-8) ...", flush=True)
-        ref = run_job({**common, **reference_job(args.ref_test)}, tmp, args.ref_timeout)
-        entry["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
-        entry["reference"]["added"] = {"machine": machine, "note": (
-            "added after the timed run: each method and anchor was run again on the reference rows for its scores; "
-            "its times are those of the timed run")}
-        print("  ", entry["reference"].get("status"), entry["reference"].get("time_s"),
-              entry["reference"].get("error", ""), flush=True)
+        kept_ref = load_reference_entry(out_path, pname, pr)
+        if kept_ref is not None and kept_ref.get("info"):
+            print(f"{pname}: the kept reference ({reference_path(out_path, pname).name})", flush=True)
+            ref = {"status": "ok", "scores": kept_ref["scores"]}
+            entry["reference"] = kept_ref["info"]
+        else:
+            print(f"{pname}: reference (float64 block CG, true residual 1e-8) ...", flush=True)
+            ref = run_job({**common, **reference_job(args.ref_test)}, tmp, args.ref_timeout)
+            entry["reference"] = {k: v for k, v in ref.items() if k not in ("scores", "traceback")}
+            entry["reference"]["added"] = {"machine": machine, "note": (
+                "added after the timed run: each method's and anchor's scores on the reference rows are those its "
+                "timed run kept or, where none were kept, from running it again on those rows; its times are those "
+                "of the timed run")}
+            print("  ", entry["reference"].get("status"), entry["reference"].get("time_s"),
+                  entry["reference"].get("error", ""), flush=True)
+            if ref.get("status") == "ok":
+                save_reference(out_path, pname, ref["scores"], pr, entry["reference"])
         atomic_write_json(out_path, record)
         if ref.get("status") != "ok":
             return
-        save_reference(out_path, pname, ref["scores"], pr)
+        rows = ref["scores"].shape[0]
+        kept = kept_scores(out_path, pname, pr)
+        rescore = None if args.rescore == "all" else set() if args.rescore == "none" else set(args.rescore.split(","))
         todo = [("methods", n) for n, m in entry["methods"].items() if m.get("status") == "ok" and n in METHODS]
         todo += [("anchors", a) for a, m in entry["anchors"].items() if m.get("status") == "ok" and a in ANCHORS]
         for group, name in todo:
-            job = {**common, "name": name, "dtype": "float32", "epochs": False, "n_test": args.ref_test}
-            if group == "methods":
-                job["kw"] = METHODS[name][0]
-                python = sys.executable
-            else:
-                job["anchor"] = list(ANCHORS[name][:3])
-                python = args.anchor_python
-            print(f"{pname}: scores of {name} on the reference rows ...", flush=True)
-            res = run_job(job, tmp, args.timeout, python=python)
             target = entry[group][name]
-            if res.get("status") == "ok":
-                target["accuracy"] = agreement(res.pop("scores"), ref["scores"]) | {"rescored": True}
+            run = target.get("run", entry.get("machine", {}).get("time_utc"))
+            if name in kept and kept[name]["run"] == run and kept[name]["scores"].shape[0] >= rows:
+                target["accuracy"] = agreement(kept[name]["scores"][:rows], ref["scores"])
+                print(f"{pname}: {name}: its kept scores", target["accuracy"], flush=True)
+            elif rescore is None or name in rescore:
+                job = {**common, "name": name, "dtype": "float32", "epochs": False, "n_test": rows}
+                if group == "methods":
+                    job["kw"] = METHODS[name][0]
+                    python = sys.executable
+                else:
+                    job["anchor"] = list(ANCHORS[name][:3])
+                    python = args.anchor_python
+                print(f"{pname}: scores of {name} on the reference rows ...", flush=True)
+                res = run_job(job, tmp, args.timeout, python=python)
+                if res.get("status") == "ok":
+                    target["accuracy"] = agreement(res.pop("scores"), ref["scores"]) | {"rescored": True}
+                else:
+                    target["accuracy"] = {"status": res.get("status"), "error": res.get("error"), "rescored": True}
+                print("  ", target["accuracy"], flush=True)
             else:
-                target["accuracy"] = {"status": res.get("status"), "error": res.get("error"), "rescored": True}
-            print("  ", target["accuracy"], flush=True)
+                continue
             entry["comparisons"] = comparisons(entry)
             atomic_write_json(out_path, record)
 
@@ -754,6 +826,9 @@ def main(argv=None) -> int:
     ap.add_argument("--add-reference", action="store_true",
                     help="time nothing: add the float64 reference to the recorded --problem entries (each method and "
                     "anchor is run again on the reference rows for its accuracy; the recorded times stay)")
+    ap.add_argument("--rescore", default="all",
+                    help="with --add-reference: the methods and anchors (comma-separated, or all, or none) to run "
+                    "again on the reference rows where their timed run kept no scores (default all)")
     ap.add_argument("--merge", action="store_true",
                     help="measure only the --methods and --anchors named and add them to the recorded --problem "
                     "entries (their accuracy against the kept float64 reference, if there is one); the rest stays")

@@ -59,6 +59,33 @@ def test_the_kept_reference_is_used_only_for_the_problem_it_was_solved_on(tmp_pa
     assert not list(tmp_path.glob("*.tmp"))  # written atomically: no temporary file left
 
 
+def test_kept_scores_are_kept_per_measurement_and_problem(tmp_path):
+    out = tmp_path / "scale.json"
+    problem = {"params": 10, "n_train": 4, "test_accuracy": 0.5, "dataset": "d"}
+    S = torch.arange(20, dtype=torch.float32).reshape(5, 4)
+    scale.keep_scores(out, "resnet", problem, "cg", "run-1", S, rows=3)
+    scale.keep_scores(out, "resnet", problem, "curvlinops-cg", "run-1", 2 * S, rows=3)
+    scale.keep_scores(out, "resnet", problem, "cg", "run-2", -S, rows=3)  # a later run replaces the earlier one
+    kept = scale.kept_scores(out, "resnet", problem)
+    assert set(kept) == {"cg", "curvlinops-cg"} and kept["cg"]["run"] == "run-2"
+    assert torch.equal(kept["cg"]["scores"], -S[:3]) and torch.equal(kept["curvlinops-cg"]["scores"], 2 * S[:3])
+    assert scale.kept_scores(out, "resnet", problem | {"test_accuracy": 0.75}) == {}
+    assert scale.kept_scores(out, "lenet", problem) == {}
+    # another problem's scores under the same name start the file afresh
+    scale.keep_scores(out, "resnet", problem | {"params": 11}, "cg", "run-3", S, rows=2)
+    assert scale.kept_scores(out, "resnet", problem) == {}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_kept_reference_keeps_its_record_entry(tmp_path):
+    out = tmp_path / "scale.json"
+    problem = {"params": 10, "n_train": 4, "test_accuracy": 0.5, "dataset": "d"}
+    info = {"status": "ok", "time_s": 12.5, "info": {"iterations": [40, 41]}}
+    scale.save_reference(out, "resnet", torch.zeros(2, 4), problem, info)
+    assert scale.load_reference_entry(out, "resnet", problem)["info"] == info
+    assert scale.load_reference_entry(out, "resnet", problem | {"dataset": "e"}) is None
+
+
 def test_adding_to_a_record_refuses_a_different_problem():
     entry = {"problem": {"params": 10, "n_train": 4, "n_test": 2, "test_accuracy": 0.5, "dataset": "d"}}
     prob = {"info": dict(entry["problem"])}
