@@ -38,8 +38,11 @@ residual), for the first ``--ref-test`` test points (Pearson correlation and rel
 Frobenius error over those rows and all training points), where it is affordable (``--reference auto``: the LeNet);
 always also against our exact EK-FAC (``vs_exact_ekfac``). ``--add-reference`` adds the reference to a recorded
 problem without timing anything again: the seeded problem is rebuilt (checked against the record), the reference
-solved, and each method and anchor run once more on the reference rows for the scores its ``accuracy`` needs
-(``add_reference``; the record's times stay, ``reference["added"]`` names the machine and command). Methods
+solved, and each method and anchor scored against it: by the scores its timed run kept on the reference rows
+(``<stem>_scores_<problem>.pt`` next to the record, written after every measurement), else by running it once more
+on those rows (``--rescore``; ``add_reference``; the record's times stay, ``reference["added"]`` names the machine
+and command). A reference solved that way is kept too (``<stem>_reference_<problem>.pt``), so a long reference can
+run beside a timed ``--merge`` run into another record and be brought in afterwards. Methods
 whose cost grows with the number of test points (cg, lissa) run on the reference rows only; ``n_test`` says how
 many rows each scored. The ResNet runs EK-FAC and
 kronfluence only by default: the Krylov methods and the float64 reference would need hundreds of passes over the

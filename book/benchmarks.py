@@ -58,7 +58,9 @@
 # all parameters, and the anchors' EK-FAC is set against the fastest setting that is at least as accurate. (On these
 # small CNNs the last layer's block alone gives scores closer to the exact ones than all layers do: EK-FAC's
 # block-diagonal Kronecker approximation of the convolutions adds more error than their terms remove.) If
-# `influence_lib` has no EK-FAC row, the results file predates it.
+# `influence_lib` has no EK-FAC row, the results file predates it. CG is also run, for `influence_lib` only, with
+# float32 products beside float64 iterates and residual checks (`cg-1e-3-mixed`, `precision="mixed"`: the same
+# float64 stopping rule, so the same guarantee), which enters "at equal accuracy" like any other setting.
 #
 # **Where the CNN timings come from.** For exact, CG and LiSSA on the CNNs almost all of the time is spent in
 # Hessian-vector products through the convolutions (the profile at the end of this page), so the speed of these
@@ -614,10 +616,17 @@ else:
                          "network the Kronecker factorisation, not the solver's tolerance, limits the accuracy.")
         added = ref.get("added")
         if added:
-            ref_text += (f" It was added after the timed run ({added['machine']['time_utc'][:10]}): every method and "
-                         f"anchor ran again on the reference rows for its scores, and the times above are those of "
-                         f"the timed run. The command that added it:\n\n```\n{wrap(added['machine']['command'])}\n```"
-                         f"\n\nThe timed run's command:")
+            again = [f"`{n}`" for g in (entry["methods"], entry.get("anchors", {})) for n, m in g.items()
+                     if (m.get("accuracy") or {}).get("rescored")]
+            kept_rows = [f"`{n}`" for g in (entry["methods"], entry.get("anchors", {})) for n, m in g.items()
+                         if m.get("accuracy") and not m["accuracy"].get("rescored")]
+            how = "; ".join(
+                ([f"{', '.join(kept_rows)}: the scores their timed runs kept on its rows"] if kept_rows else [])
+                + ([f"{', '.join(again)}: run again on its rows for their scores (their timed runs kept none)"]
+                   if again else []))
+            ref_text += (f" It was added after the timed run ({added['machine']['time_utc'][:10]}; {how}), and the "
+                         f"times above are those of the timed runs. The command that added it:"
+                         f"\n\n```\n{wrap(added['machine']['command'])}\n```\n\nThe timed run's command:")
         else:
             ref_text += " The command:"
         later = "".join(

@@ -43,6 +43,11 @@ class LinearOperator:
     def reserve(self, columns: int) -> None:
         """A solver announces about ``columns`` further products; an operator may switch to a cheaper form."""
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator | None:
+        """The same operator with its products computed in ``dtype`` (e.g. float32 beside a float64 operator, for
+        mixed-precision CG), or None where this operator cannot make them."""
+        return None
+
     @property
     def n_rows(self) -> int | None:
         return None
@@ -61,6 +66,9 @@ class DenseOperator(LinearOperator):
 
     def dense(self, block_size: int = 128) -> Tensor:
         return self.M
+
+    def astype(self, dtype: torch.dtype) -> DenseOperator:
+        return DenseOperator(self.M.to(dtype))
 
 
 class HessianOperator(LinearOperator):
@@ -141,6 +149,11 @@ class HessianOperator(LinearOperator):
     def on_rows(self, rows: Tensor) -> HessianOperator:
         return HessianOperator(self.objective, self.theta, rows)
 
+    def astype(self, dtype: torch.dtype) -> LinearOperator:
+        if self._dense is not None:  # already assembled: its products are matrix products
+            return DenseOperator(self._dense.to(dtype))
+        return HessianOperator(self.objective.astype(dtype), self.theta.to(dtype), self.rows, densify=self.densify)
+
     @property
     def n_rows(self) -> int:
         return self.objective.n
@@ -212,6 +225,9 @@ class GaussNewtonOperator(LinearOperator):
 
     def on_rows(self, rows: Tensor) -> GaussNewtonOperator:
         return GaussNewtonOperator(self.objective, self.theta, rows)
+
+    def astype(self, dtype: torch.dtype) -> GaussNewtonOperator:
+        return GaussNewtonOperator(self.objective.astype(dtype), self.theta.to(dtype), self.rows, keep=self.keep)
 
     @property
     def n_rows(self) -> int:

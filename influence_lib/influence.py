@@ -34,6 +34,7 @@ from .objective import LossFn, Objective
 from .preconditioned import ihvp_pcg
 from .solvers import (
     METHODS,
+    PRECISIONS,
     SOLVER_OPTIONS,
     ArnoldiSolver,
     EigenSolver,
@@ -65,7 +66,8 @@ class InfluenceCalculator:
         ``lambda`` in ``(H + lambda I)^{-1}``.
     method:
         inverse-HVP solver, one of :data:`influence_lib.solvers.METHODS`; ``options`` go to it
-        (cg: ``tol``, ``max_iter``, ``block``, ``preconditioner`` (None, ``"ekfac"`` or a fitted
+        (cg: ``tol``, ``max_iter``, ``block``, ``precision`` (``"mixed"``: float32 products, float64 checks, see
+        :func:`~influence_lib.solvers.ihvp_cg`), ``preconditioner`` (None, ``"ekfac"`` or a fitted
         :class:`~influence_lib.ekfac.EKFACSolver`: preconditioned CG, :mod:`influence_lib.preconditioned`);
         minres: ``tol``, ``max_iter`` (symmetric indefinite systems, where CG refuses);
         lissa: ``scale``, ``depth``, ``repeats``, ``batch_size``, ``seed``;
@@ -104,6 +106,10 @@ class InfluenceCalculator:
         pre = options.get("preconditioner")
         if not (pre is None or isinstance(pre, str) and pre in ("none", "ekfac") or hasattr(pre, "inv_sqrt")):
             raise ValueError(f"preconditioner must be None, 'none', 'ekfac' or an EKFACSolver, got {pre!r}")
+        if "precision" in options:
+            check_choice("precision", options["precision"], PRECISIONS)
+            if options["precision"] != "full" and pre not in (None, "none"):
+                raise ValueError("precision='mixed' is for plain CG: the preconditioned CG runs in full precision")
         train = as_tensors("train", train)
         self.objective = Objective(model, loss_fn, *train, weight_decay=weight_decay, params=params,
                                    chunk_size=chunk_size)
@@ -150,6 +156,8 @@ class InfluenceCalculator:
         elif self.method == "cg":
             opts = {k: v for k, v in self.options.items() if k != "preconditioner"}
             pre = self.options.get("preconditioner")
+            if pre not in (None, "none"):
+                opts.pop("precision", None)  # "full" (__init__ refuses anything else with a preconditioner)
             if pre is None or pre == "none":
                 X, info = ihvp_cg(self.operator, V, self.damping, **opts)
             else:  # EK-FAC-preconditioned (block) CG, see influence_lib.preconditioned

@@ -13,6 +13,7 @@ not depend on the chunk size (up to floating-point summation order).
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 import warnings
@@ -177,6 +178,7 @@ class Objective:
         self._fixed = {k: v.detach() for k, v in named.items() if k not in self.spec.names}
         self._fixed.update({k: v.detach() for k, v in self.model.named_buffers()})
         self._gn_reverse = False  # see gnvp
+        self._cast: torch.dtype | None = None  # set by astype: theta() is the model's parameters in this dtype
         # convolution weights with more than one input channel: the ones forward(..., channels_last=True) converts
         self._conv_weights = frozenset(f"{m_name}.weight" if m_name else "weight"
                                        for m_name, m in self.model.named_modules()
@@ -215,9 +217,27 @@ class Objective:
         """Whether the model has an ``nn.Conv2d`` with more than one input channel (see :meth:`forward`)."""
         return bool(self._conv_weights)
 
+    def astype(self, dtype: torch.dtype) -> Objective:
+        """The same objective evaluated in floating-point ``dtype``: the data, the fixed parameters and the buffers cast
+        (a shallow copy; the model is shared and left untouched, since every forward pass passes all its parameters
+        and buffers, :meth:`forward`). Its :meth:`theta` is the model's parameters, cast. For lower-precision
+        products beside a float64 objective (mixed-precision CG, :func:`influence_lib.solvers.ihvp_cg`)."""
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+
+        def cast(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        twin = copy.copy(self)
+        twin.X, twin.y = cast(self.X), cast(self.y)
+        twin._fixed = {k: cast(v) for k, v in self._fixed.items()}
+        twin._cast = dtype
+        return twin
+
     def theta(self) -> Tensor:
-        """The model's current selected parameters, flat ``[p]``."""
-        return flat_params(self.model, self.spec.names)
+        """The model's current selected parameters, flat ``[p]`` (cast to the dtype of :meth:`astype` for a twin)."""
+        theta = flat_params(self.model, self.spec.names)
+        return theta if self._cast is None else theta.to(self._cast)
 
     def forward(self, theta: Tensor, x: Tensor, *, channels_last: bool = False) -> Tensor:
         """Model outputs for inputs ``x`` (``[b, ...]``) at flat parameters ``theta``.

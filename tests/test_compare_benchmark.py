@@ -21,7 +21,9 @@ def _r(lib: str, method: str, time_s: float, rel_error: float, status: str = "ok
 def test_benchmark_method_names_map_to_library_methods():
     assert compare.base_method("cg-1e-3") == "cg"
     assert [compare.base_method(m) for m in compare.METHODS] == ["exact", "cg", "cg", "lissa", "arnoldi", "ekfac"]
-    assert {compare.base_method(m) for m in compare.OURS_ONLY} == {"ekfac"}  # settings of our EK-FAC only
+    # settings of our EK-FAC and CG only
+    assert {compare.base_method(m) for m in compare.OURS_ONLY} == {"ekfac", "cg"}
+    assert compare.base_method("cg-1e-3-mixed") == "cg"
 
 
 def test_fastest_as_accurate_on_both_sides_and_their_ratio():

@@ -278,3 +278,80 @@ def test_eigh_falls_back_when_divide_and_conquer_fails(monkeypatch):
     X = EigenSolver(A, damping=0.1).solve(V)
     monkeypatch.undo()
     torch.testing.assert_close(X, torch.linalg.solve(A + 0.1 * torch.eye(6, dtype=torch.float64), V))
+
+
+# --- mixed precision: float32 products, float64 iterates and checks ------------------------------------------------
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_mixed_precision_cg_meets_the_float64_tolerance(problem, block, tol):
+    op, H, damping = problem
+    V = rhs(op.size)
+    X, info = il.ihvp_cg(op, V, damping, tol=tol, block=block, precision="mixed")
+    true = (V - (H @ X + damping * X)).norm(dim=0) / V.norm(dim=0)  # the float64 residual, computed here
+    assert X.dtype == torch.float64 and float(true.max()) <= tol
+    torch.testing.assert_close(torch.tensor(info["residual"], dtype=true.dtype), true, rtol=1e-3, atol=1e-14)
+    # the error bound of a residual: ||x - x*|| <= ||r|| / lambda_min(H + damping I)
+    lam = float(torch.linalg.eigvalsh(H)[0]) + damping
+    err = (X - dense_solve(H, V, damping)).norm(dim=0)
+    assert bool((err <= true * V.norm(dim=0) / lam * (1 + 1e-6)).all())
+    mixed = info["mixed"]
+    assert mixed["float32_products"] > 0 and mixed["float32_products"] <= info["products"]
+
+
+def test_mixed_precision_cg_falls_back_to_float64_where_float32_cannot_get_there():
+    # an SPD matrix with condition number 1e4: float32 products (relative rounding ~6e-8) cannot resolve a relative
+    # residual of 1e-10, so a check fails (or the float32 phase reaches max_iter // 2 steps) and the rest runs in
+    # float64, from the true residual, which gets there
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    H = Q @ torch.diag(torch.logspace(-4, 0, 60, dtype=torch.float64)) @ Q.T
+    V = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    for block in (True, False):
+        X, info = il.ihvp_cg(il.DenseOperator(H), V, 0.0, tol=1e-10, block=block, precision="mixed")
+        true = (V - H @ X).norm(dim=0) / V.norm(dim=0)
+        assert info["mixed"]["fell_back"] and float(true.max()) <= 1e-10
+
+
+def test_mixed_precision_is_full_precision_where_there_is_nothing_lower(convex_problem):
+    model, (X, y), H = convex_problem
+    op32 = il.HessianOperator(Objective(model.float(), F.cross_entropy, X.float(), y, weight_decay=0.05))
+    V = rhs(op32.size).float()
+    X32, info = il.ihvp_cg(op32, V, 0.01, tol=1e-4, precision="mixed")  # a float32 system: nothing lower
+    assert "mixed" not in info and X32.dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        il.ihvp_cg(op32, V, 0.01, precision="half")
+
+
+def test_operators_in_float32_are_the_same_matrices(convex_problem, nonconvex_problem):
+    model, (X, y), H, _ = nonconvex_problem
+    obj = Objective(model, F.cross_entropy, X, y, weight_decay=0.01)
+    for op in (il.HessianOperator(obj), il.GaussNewtonOperator(obj), il.DenseOperator(H)):
+        ref = op.dense()
+        low = op.astype(torch.float32)
+        M = low.dense()
+        assert M.dtype == torch.float32 and low.size == op.size
+        assert float((M.double() - ref).norm() / ref.norm()) < 1e-5  # float32 rounding
+    assert all(p.dtype == torch.float64 for p in model.parameters())  # the shared model is left as it was
+    twin = obj.astype(torch.float32)
+    assert twin.theta().dtype == torch.float32 and obj.theta().dtype == torch.float64
+    assert float(twin.loss(twin.theta())) == pytest.approx(float(obj.loss(obj.theta())), rel=1e-6)
+    with pytest.raises(ValueError, match="floating-point"):
+        obj.astype(torch.int64)
+
+
+def test_mixed_precision_influence_on_a_cnn_matches_exact():
+    from influence_lib.models import small_cnn
+
+    model = small_cnn(1, 3, image_size=8, depth=1, width=3, activation="tanh", seed=0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    evals = torch.linalg.eigvalsh(il.hessian(model, F.cross_entropy, (X, y), weight_decay=0.01))
+    damping = max(0.1, 0.1 - float(evals[0]))  # positive definite, condition number below 100
+    assert float(evals[-1] + damping) / float(evals[0] + damping) < 100
+    exact = il.influence(model, F.cross_entropy, (X, y), (X[:3], y[:3]), weight_decay=0.01, damping=damping)
+    calc = il.InfluenceCalculator(model, F.cross_entropy, (X, y), weight_decay=0.01, damping=damping, method="cg",
+                                  tol=1e-6, precision="mixed")
+    S = calc.scores((X[:3], y[:3]))
+    assert calc.last_info["mixed"]["float32_products"] > 0
+    assert rel_err(S, exact) < 1e-4  # relative residual 1e-6 times a condition number below 100
