@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
 
+from .mlp_hessian import mlp_data_hessian, mlp_plan
 from .validation import check_data, check_labels, check_loss_fn, check_model, check_nonneg, check_positive_int
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -587,6 +588,14 @@ class Objective:
         numel = dict(zip(self.spec.names, self.spec.numels, strict=True))
         return sum(sum(numel[n] for n in names) * c for names, c in self.parameter_groups())
 
+    def _mlp_plan(self) -> list[tuple] | None:
+        """The plan of :func:`~influence_lib.mlp_hessian.mlp_plan` for this objective (computed once), or None."""
+        if not hasattr(self, "_mlp"):
+            plan = mlp_plan(self.model, self.spec.names, self.loss_fn)
+            flattened = plan is not None and any(step[0] == "flatten" for step in plan)
+            self._mlp = plan if plan is not None and (flattened or self.X.dim() == 2) else None
+        return self._mlp
+
     def dense_hessian(
         self,
         theta: Tensor,
@@ -607,10 +616,17 @@ class Objective:
         only decides the cost: for a CNN of 640 parameters the columns of its last convolution cost 0.16 and those of
         its classifier 0.02 of a product on the whole graph. ``apply_all``: the products on the whole graph, if the
         caller has them already. Models of at most :data:`ONE_BLOCK_MAX_P` parameters are assembled in one batched
-        product over all columns (nothing to save there).
+        product over all columns (nothing to save there). A plain MLP under ``F.cross_entropy`` with every parameter
+        selected takes neither: its Hessian comes from the hand-derived pass of :mod:`influence_lib.mlp_hessian`.
         """
         check_positive_int("block_size", block_size)
         p = self.p
+        plan = self._mlp_plan()
+        if plan is not None:  # a plain MLP under cross-entropy: by the hand-derived pass of influence_lib.mlp_hessian
+            X, y = (self.X, self.y) if rows is None else (self.X[rows], self.y[rows])
+            H = mlp_data_hessian(plan, theta.detach(), X, y)
+            H.diagonal().add_(self.weight_decay)
+            return H
         groups = [names for names, _ in self.parameter_groups()] if p > ONE_BLOCK_MAX_P else [self.spec.names]
         if len(groups) == 1:
             apply = apply_all or self.hvp_operator(theta, rows, keep_graphs=keep_graphs)

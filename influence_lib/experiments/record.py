@@ -124,3 +124,52 @@ def error_record(setting: dict[str, Any], error: BaseException, traceback_text: 
     """
     return {"schema": SCHEMA, "setting": setting, "error": f"{type(error).__name__}: {error}",
             "traceback": traceback_text, "fingerprint": fingerprint, "versions": versions()}
+
+
+def _rounded8(values: Any) -> np.ndarray:
+    return np.array([np.nan if v is None else float(f"{v:.8g}") for v in values], dtype=float)
+
+
+def rerun_difference(again: dict[str, Any], rec: dict[str, Any]) -> tuple[float, list[str], int]:
+    """How a rerun ``again`` of a committed record's setting differs from the record ``rec``:
+    ``(worst, mismatches, vectors)``.
+
+    ``worst`` is the largest relative difference ``|a - b| / max(|b|, 1e-12)`` over the vectors both hold, the rerun
+    rounded to 8 significant digits (what schema-1 records kept): each test point's predicted and actual loss changes
+    at the removed points the two have in common, the actual loss changes of the noise runs, and the LDS means.
+    ``mismatches`` names what cannot agree at all: another test point, or, for a pooled top-``k`` removal, another
+    set of each test point's ``k`` largest ``|predicted|`` values (rtol 1e-6). Which of several training points with
+    the *same* value enter the pool is decided by last-bit rounding (a partly dead model gives many exact ties), so
+    the pool itself may differ by tied points; with ``remove="all"`` the removals must be identical."""
+    mismatches: list[str] = []
+    pairs: list[tuple[Any, Any]] = []
+    if "test_points" in rec:
+        top_k_pool = rec["setting"].get("remove", "all") != "all"
+        if not top_k_pool and again.get("removed") != rec.get("removed"):
+            mismatches.append("removals differ")
+        ours = {i: pos for pos, i in enumerate(again.get("removed", []))}
+        common = [(ours[i], pos) for pos, i in enumerate(rec.get("removed", [])) if i in ours]
+        for a, b in zip(again["test_points"], rec["test_points"], strict=True):
+            if a.get("index") != b.get("index") or a.get("role") != b.get("role"):
+                mismatches.append(f"test point {b.get('role')} {b.get('index')} differs")
+                continue
+            if top_k_pool:
+                k = min(rec["setting"]["k"], len(rec["removed"]))
+                top = [sorted((abs(v) for v in x["predicted"]), reverse=True)[:k] for x in (a, b)]
+                if not np.allclose(_rounded8(top[0]), top[1], rtol=1e-6, atol=1e-12):
+                    mismatches.append(f"the top-{k} predicted values of test point {b.get('index')} differ")
+            for field in ("predicted", "actual"):
+                if field in b:
+                    pairs.append(([a[field][i] for i, _ in common], [b[field][j] for _, j in common]))
+        for ra, rb in zip(again.get("runs", []), rec.get("runs", []), strict=True):
+            pairs.extend(zip(ra["actual"], rb["actual"], strict=True))
+    for e_a, e_b in zip(again.get("lds", []), rec.get("lds", []), strict=True):
+        pairs.append((e_a["actual_mean"], e_b["actual_mean"]))
+        for m in e_b["methods"]:
+            pairs.append((e_a["methods"][m]["predicted_mean"], e_b["methods"][m]["predicted_mean"]))
+    worst = 0.0
+    for a, b in pairs:
+        a8, b8 = _rounded8(a), np.array([np.nan if v is None else v for v in b], dtype=float)
+        if len(b8):
+            worst = max(worst, float(np.nanmax(np.abs(a8 - b8) / np.maximum(np.abs(b8), 1e-12))))
+    return worst, mismatches, len(pairs)
