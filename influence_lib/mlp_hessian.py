@@ -29,10 +29,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .stacked import sequential_plan
+from .stacked import cross_entropy_plan
 
 #: at most this many elements in one block's ``[T, features, n]`` tangents (the directions are taken in blocks)
 BLOCK_ELEMENTS = 1 << 22
@@ -77,12 +76,10 @@ def mlp_plan(model: nn.Module, names, loss_fn) -> list[tuple] | None:
     another architecture (:func:`~influence_lib.stacked.sequential_plan`), a ``nn.Flatten`` after the first linear
     layer or from another dimension than 1, an activation before the first layer or right after another one, or an
     activation without closed-form derivatives here. The inputs must be ``[n, d]`` or flattened to it."""
-    if loss_fn is not F.cross_entropy:
+    found = cross_entropy_plan(model, names, loss_fn)
+    if found is None:
         return None
-    plan = sequential_plan(model, names)
-    if plan is None:
-        return None
-    first = next(i for i, step in enumerate(plan) if step[0] == "linear")
+    plan, first = found
     out: list[tuple] = []
     for i, step in enumerate(plan):
         if step[0] == "flatten":

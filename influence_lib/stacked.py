@@ -59,6 +59,17 @@ def sequential_plan(model: nn.Module, names: Sequence[str]) -> list[tuple] | Non
     return plan
 
 
+def cross_entropy_plan(model: nn.Module, names: Sequence[str], loss_fn) -> tuple[list[tuple], int] | None:
+    """:func:`sequential_plan` and the position of its first linear layer where ``loss_fn`` is ``F.cross_entropy``
+    (the loss the hand-derived passes know), else None."""
+    if loss_fn is not F.cross_entropy:
+        return None
+    plan = sequential_plan(model, names)
+    if plan is None:
+        return None
+    return plan, next(i for i, step in enumerate(plan) if step[0] == "linear")
+
+
 def stacked_forward(plan: list[tuple], Theta: Tensor, X: Tensor) -> Tensor:
     """Outputs ``[B, n, k]`` of the ``B`` networks with flat parameters ``Theta`` ``[B, p]`` on inputs ``X``."""
     B = Theta.shape[0]
@@ -219,12 +230,10 @@ def fused_value_and_grad(model: nn.Module, names: Sequence[str], loss_fn, normal
     """The hand-derived data terms and gradient of a stack of ``model`` (see :class:`StackedMLPGrad`), or None where
     it does not apply: another architecture or loss than ``F.cross_entropy`` (as :func:`fused_data_terms`), or a
     ``nn.Flatten`` after the first linear layer."""
-    if loss_fn is not F.cross_entropy:
+    found = cross_entropy_plan(model, names, loss_fn)
+    if found is None:
         return None
-    plan = sequential_plan(model, names)
-    if plan is None:
-        return None
-    first = next(i for i, step in enumerate(plan) if step[0] == "linear")
+    plan, first = found
     if any(step[0] == "flatten" for step in plan[first:]):
         return None
     if any(step[0] == "act" for step in plan[:first]):
