@@ -45,8 +45,10 @@ and command). A reference solved that way is kept too (``<stem>_reference_<probl
 run beside a timed ``--merge`` run into another record and be brought in afterwards. Methods
 whose cost grows with the number of test points (cg, lissa) run on the reference rows only; ``n_test`` says how
 many rows each scored. The ResNet runs EK-FAC and
-kronfluence only by default: the Krylov methods and the float64 reference would need hundreds of passes over the
-data through half a million parameters, hours on 2 cores.
+kronfluence only by default: its Krylov methods take 2 to 10 minutes each on 2 cores, curvlinops' CG 20 minutes at
+17 GB, and the float64 reference longer still; they were measured in a separate run (``--merge --methods
+cg,lissa,arnoldi --anchors curvlinops-cg``, the reference beside it on the other core with ``--add-reference
+--rescore none`` into another record, brought in afterwards).
 
 The machine is whatever runs this (recorded under ``machine``); on a shared 2-core machine the timings are noisy.
 Writes ``benchmarks/results/scale.json`` atomically after every measurement, keeping the other problems' entries
@@ -234,10 +236,10 @@ NOT_RUN["resnet"] = {
                       ("dattri-lissa", "dattri's LiSSA peaked at 21.4 GB resident on the 24 GB machine"))},
 }
 #: our methods a default run leaves out, and why (recorded as "not run"; ask for one by name with --methods)
-KRYLOV_AT_SCALE = ("left out by default on a 2-core machine: on the LeNet, CG to 1e-3 on 3 test points costs about 70 "
-                   "training-epoch equivalents (Arnoldi about 80, the anchors' CG about 220); on the ResNet, with 11 "
-                   "times the parameters and 4 to 12 s per epoch here, that is one to several hours per method and "
-                   "anchor: run it with `--methods` where a GPU is available")
+KRYLOV_AT_SCALE = ("left out by default on a 2-core machine: on the ResNet, measured on 2026-12-06 (a `--merge` run), "
+                   "CG to 1e-3 on 3 test points took about 160 training-epoch equivalents (10 minutes), Arnoldi "
+                   "about 160, LiSSA about 30, curvlinops' CG about 300 (20 minutes, 17 GB); run them with "
+                   "`--methods` and `--anchors`")
 NOT_RUN_METHODS = {"resnet": {m: KRYLOV_AT_SCALE for m in ("cg", "cg-tol5e-4", "cg+ekfac", "lissa", "arnoldi")}}
 DEFAULT_ANCHORS = {"lenet": tuple(a for a in ANCHORS if a not in NOT_RUN["lenet"]),
                    "resnet": ("kronfluence-ekfac", "curvlinops-ekfac", "curvlinops-kfac")}
