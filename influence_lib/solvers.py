@@ -149,8 +149,9 @@ def ihvp_cg(
     ``1e-5``; each failed check costs a restart below that): a float32 product costs about half a float64 one on
     the CPU where its convolutions run in oneDNN (the 640-parameter CNN of ``benchmarks/compare.py``: 15 against 32
     ms with 5 columns; on its 210-parameter CNN, with 4 channels, 13 against 10: slower), far less on most GPUs, and
-    the float32 rounding costs some steps on ill-conditioned systems (on the 640-parameter CNN, 141 products instead
-    of 108 to ``1e-3``). Operators without a float32 copy (``astype`` None) run in full precision.
+    the float32 rounding costs some steps on ill-conditioned systems (on the 640-parameter CNN, 139 products instead
+    of 102 to ``1e-3``, benchmarks/results/compare.json). Operators without a float32 copy (``astype`` None) run in
+    full precision.
 
     Raises :class:`SolverError` if ``A + damping I`` shows non-positive curvature on the search space (CG needs a
     positive definite system: increase ``damping``) or if ``max_iter`` steps (default ``10 p``) are reached.
@@ -164,7 +165,7 @@ def ihvp_cg(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     low = A.astype(torch.float32) if precision == "mixed" and Vb.dtype == torch.float64 else None
-    search = None if low is None else _low_precision_apply(low, damping, counter)
+    search = None if low is None else _LowPrecisionApply(low, damping, counter)
     if x0 is not None and x0.numel() != p * k:
         raise ValueError(f"x0 must have the shape of V ({tuple(V.shape)}), got {tuple(x0.shape)}")
     vnorm = Vb.norm(dim=0)
@@ -191,7 +192,7 @@ def ihvp_cg(
 PRECISIONS = ("full", "mixed")
 
 
-class _low_precision_apply:
+class _LowPrecisionApply:
     """``Z -> (A32 + damping I) Z`` for a float64 ``Z``: the product in float32 (``low``), the result and the damping
     term in float64. Counts its columns in ``counter[0]`` (with the float64 ones) and in :attr:`products`."""
 
